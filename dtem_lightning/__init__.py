@@ -1,0 +1,7 @@
+"""Token merging (ToMe, DTEM-soft, DTEM-hard) for timm Vision Transformers, with Lightning experiments."""
+
+from dtem_lightning.patch import apply_policy
+from dtem_lightning.policy import DTEMHard, DTEMSoft, MergePolicy, NoMerge, ToMe
+
+__all__ = ["apply_policy", "MergePolicy", "NoMerge", "ToMe", "DTEMHard", "DTEMSoft"]
+__version__ = "0.1.0"

@@ -1,0 +1,188 @@
+"""BaseDataModule: batch and loader settings plus transforms resolved from the backbone's timm config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+TINY_SIZE = 64  # at or below this side length images are resized, never randomly cropped from a large canvas
+TRAIN_TRANSFORMS = ("deit", "simple")
+
+
+def resolve_backbone_config(backbone: str) -> dict[str, Any]:
+    """Data config (input_size, mean, std, crop_pct, interpolation, crop_mode) of a timm model name.
+
+    Reads the registered pretrained config, which needs no weights and no model; only a model registered without
+    one is built, on the meta device (no memory, no init cost).
+
+    Args:
+        backbone: timm model name, optionally with a pretrained tag (``vit_base_patch16_224.mae``).
+
+    Raises:
+        ValueError: the name is not a timm model, or its pretrained tag is unknown.
+    """
+    if not timm.is_model(backbone.split(".")[0]):
+        raise ValueError(f"backbone {backbone!r} is not a timm model name (see timm.list_models())")
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except RuntimeError as err:  # unknown pretrained tag
+        raise ValueError(f"backbone {backbone!r}: {err}") from err
+    if cfg is not None:
+        return resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    with torch.device("meta"):
+        model = timm.create_model(backbone, pretrained=False)
+    return resolve_data_config({}, model=model)
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Loader settings and timm-style transforms shared by every data module.
+
+    Subclasses set ``num_classes`` (where it applies) in ``__init__`` and ``train_dataset``, ``val_dataset``,
+    ``test_dataset`` in ``setup``; the dataloaders here read those attributes.
+
+    Args:
+        batch_size: samples per batch (per device), for every split.
+        num_workers: loader worker processes; workers persist between epochs when > 0.
+        backbone: timm model name; only its data config is used (mean, std, crop_pct, interpolation, size).
+        img_size: square input side overriding the backbone's (small images, e.g. 32 for CIFAR).
+        crop_pct: eval center-crop fraction (resize to ``img_size / crop_pct``, then crop); default: the
+            backbone's pretrained config, or 1.0 (no crop) when ``img_size`` <= 64.
+        pin_memory: pin host memory for faster copies; default: only when CUDA is available.
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        backbone: str = "vit_tiny_patch16_224",
+        img_size: int | None = None,
+        crop_pct: float | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if img_size is not None and img_size < 1:
+            raise ValueError(f"img_size must be >= 1, got {img_size}")
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.backbone = backbone
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        cfg = resolve_backbone_config(backbone)
+        if img_size is not None:
+            cfg["input_size"] = (3, img_size, img_size)
+        side = min(cfg["input_size"][1:])
+        if crop_pct is not None:
+            cfg["crop_pct"] = crop_pct
+        elif img_size is not None and side <= TINY_SIZE:
+            cfg["crop_pct"] = 1.0  # tiny images are evaluated whole (DeiT's CIFAR transforms do not crop)
+        self.data_config = cfg
+        self.train_dataset: Dataset | None = None
+        self.val_dataset: Dataset | None = None
+        self.test_dataset: Dataset | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """(C, H, W) of the tensors in a batch."""
+        return tuple(self.data_config["input_size"])
+
+    @property
+    def tiny(self) -> bool:
+        """Whether images are small enough to be resized rather than crop-augmented."""
+        return min(self.input_size[1:]) <= TINY_SIZE
+
+    def transform(self, kind: str) -> Callable:
+        """PIL image -> normalised float tensor [C, H, W] for ``kind`` in ``deit``, ``simple``, ``eval``.
+
+        ``deit``: RandAugment rand-m9-mstd0.5-inc1, bicubic random-resized crop, flip, random erasing 0.25
+        (pixel); colour jitter 0.4 is passed but, as in timm and DeiT, unused when RandAugment is on. Tiny images
+        get resize + random crop with 4-pixel padding instead of the random-resized crop (DeiT's CIFAR rule).
+        ``simple``: random-resized crop + flip, or resize + flip for tiny images. ``eval``: timm's eval
+        transform (resize to size / crop_pct, center crop).
+        """
+        cfg = self.data_config
+        size = self.input_size[1:]
+        interp = str_to_interp_mode(cfg["interpolation"])
+        norm = [T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])]
+        if kind == "eval":
+            return create_transform(
+                size,
+                is_training=False,
+                interpolation=cfg["interpolation"],
+                mean=cfg["mean"],
+                std=cfg["std"],
+                crop_pct=cfg["crop_pct"],
+                crop_mode=cfg.get("crop_mode"),
+            )
+        if kind == "simple":
+            first = (
+                T.Resize(size, interpolation=interp)
+                if self.tiny
+                else T.RandomResizedCrop(size, interpolation=interp)
+            )
+            return T.Compose([first, T.RandomHorizontalFlip(), *norm])
+        if kind == "deit":
+            tf = create_transform(
+                size,
+                is_training=True,
+                auto_augment="rand-m9-mstd0.5-inc1",
+                color_jitter=0.4,
+                re_prob=0.25,
+                re_mode="pixel",
+                re_count=1,
+                interpolation="bicubic",
+                mean=cfg["mean"],
+                std=cfg["std"],
+            )
+            if self.tiny:
+                tf.transforms[0] = T.Compose(
+                    [T.Resize(size, interpolation=interp), T.RandomCrop(size, padding=4)]
+                )
+            return tf
+        raise ValueError(f"unknown transform {kind!r}; expected one of {(*TRAIN_TRANSFORMS, 'eval')}")
+
+    def _loader(self, dataset: Dataset | None, split: str, train: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no {split} dataset; call setup() for that stage first"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            # equal batches (timm's Mixup needs an even one); a dataset of one batch or less is kept whole
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled batches; the last partial batch is dropped when the dataset exceeds one batch."""
+        return self._loader(self.train_dataset, "train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Batches in dataset order, none dropped."""
+        return self._loader(self.val_dataset, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Batches in dataset order, none dropped."""
+        return self._loader(self.test_dataset, "test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test batches (``setup("predict")`` builds the test dataset)."""
+        return self._loader(self.test_dataset, "test")

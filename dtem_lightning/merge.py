@@ -1,0 +1,230 @@
+"""Pure tensor functions for token merging: bipartite matching, DTEM's soft grouping, merging and tracing.
+
+Nothing here knows about nn.Module or timm. Shapes: B batch, N tokens (P prefix tokens first), C channels,
+N0 tokens at the start of the network. Sizes ``s`` count how many input patches a token stands for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MergeFn = Callable[[Tensor], Tensor]
+
+SIZE_EPS = 1e-6  # log(s + eps) in the attention bias: finite and differentiable at s = 0
+
+
+def r_schedule(r: int | Sequence[int], depth: int) -> list[int]:
+    """Expand ``r`` to one reduction per block.
+
+    Args:
+        r: tokens removed in every block (int) or one value per block (sequence of length ``depth``).
+        depth: number of blocks.
+
+    Returns:
+        ``depth`` non-negative ints.
+    """
+    if isinstance(r, bool) or not isinstance(r, int | Sequence):
+        raise TypeError(f"r must be an int or a list of ints, got {r!r}")
+    rs = [r] * depth if isinstance(r, int) else list(r)
+    if len(rs) != depth:
+        raise ValueError(f"r has {len(rs)} entries but the model has {depth} blocks: {list(rs)}")
+    for v in rs:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"r must hold ints, got {v!r} in {rs}")
+        if v < 0:
+            raise ValueError(f"r must be >= 0, got {v} in {rs}")
+    return rs
+
+
+def token_counts(num_tokens: int, num_prefix: int, schedule: Sequence[int]) -> list[int]:
+    """Token count after each block of hard merging, with r capped at (patch tokens) // 2 per block.
+
+    Args:
+        num_tokens: tokens entering block 0, prefix included.
+        num_prefix: prefix tokens (class, distillation, registers), never merged.
+        schedule: r per block.
+
+    Returns:
+        one count per block.
+    """
+    counts, n = [], num_tokens
+    for r in schedule:
+        n -= min(r, (n - num_prefix) // 2)
+        counts.append(n)
+    return counts
+
+
+def normalize(metric: Tensor) -> Tensor:
+    """Unit-normalise ``metric`` [..., C] along C (cosine similarity by dot product)."""
+    return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn, MergeFn]:
+    """ToMe's bipartite soft matching, on patch tokens only.
+
+    Patch positions (after the ``num_prefix`` prefix tokens) 0, 2, 4, ... are destinations, 1, 3, 5, ...
+    sources. Each source picks its most similar destination (cosine of ``metric``); the ``r`` sources with
+    the highest scores are merged away. Output order: prefix tokens, unmerged sources in their original
+    order, destinations in their original order.
+
+    Args:
+        metric: [B, N, C] similarity features.
+        r: sources to merge away, capped at (N - num_prefix) // 2.
+        num_prefix: leading tokens that never merge.
+
+    Returns:
+        ``merge(x, reduce="sum") -> [B, N - r, C']`` combining x [B, N, C'] with ``scatter_reduce``, and
+        ``unmerge(y) -> [B, N, C']`` copying every merged token back to all positions it covers.
+    """
+    B, N, _ = metric.shape
+    num_src = (N - num_prefix) // 2
+    r = min(r, num_src)
+    with torch.no_grad():
+        m = normalize(metric[:, num_prefix:].float())
+        src, dst = m[:, 1::2], m[:, ::2]
+        best, best_dst = (src @ dst.transpose(1, 2)).max(dim=-1)  # [B, Ns]
+        order = best.argsort(dim=-1, descending=True)
+        merged_src = order[:, :r]  # [B, r]
+        kept_src = order[:, r:].sort(dim=-1).values  # original order
+        merged_dst = best_dst.gather(1, merged_src)  # [B, r]
+    num_dst = N - num_prefix - num_src
+
+    def merge(x: Tensor, reduce: str = "sum") -> Tensor:
+        prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+        s, d = patches[:, 1::2], patches[:, ::2]
+        c = x.shape[-1]
+        kept = s.gather(1, kept_src[..., None].expand(B, num_src - r, c))
+        moved = s.gather(1, merged_src[..., None].expand(B, r, c))
+        d = d.scatter_reduce(1, merged_dst[..., None].expand(B, r, c), moved, reduce=reduce)
+        return torch.cat([prefix, kept, d], dim=1)
+
+    def unmerge(y: Tensor) -> Tensor:
+        c = y.shape[-1]
+        prefix, kept, d = y[:, :num_prefix], y[:, num_prefix : N - num_dst - r], y[:, N - num_dst - r :]
+        moved = d.gather(1, merged_dst[..., None].expand(B, r, c))
+        s = y.new_zeros(B, num_src, c)
+        s = s.scatter(1, kept_src[..., None].expand(B, num_src - r, c), kept)
+        s = s.scatter(1, merged_src[..., None].expand(B, r, c), moved)
+        out = y.new_empty(B, N - num_prefix, c)
+        out[:, ::2], out[:, 1::2] = d, s
+        return torch.cat([prefix, out], dim=1)
+
+    return merge, unmerge
+
+
+def merge_weighted(merge: MergeFn, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:
+    """Size-weighted average merge: x_j <- (s_j x_j + sum s_i x_i) / (s_j + sum s_i).
+
+    Args:
+        merge: closure from :func:`bipartite_matching`.
+        x: [B, N, C] features.
+        size: [B, N, 1] sizes.
+
+    Returns:
+        merged features [B, N - r, C] and sizes [B, N - r, 1].
+    """
+    new_size = merge(size, "sum")
+    x = merge(x * size, "sum") / new_size
+    return x, new_size
+
+
+def soft_grouping(
+    src: Tensor, dst: Tensor, r: int, k: int = 3, tau1: float = 0.1, tau2: float = 0.1
+) -> Tensor:
+    """DTEM's relaxed top-r selection of (source, destination) merges.
+
+    Each source keeps its ``k`` most similar destinations; logits S/tau1 on those candidates go through
+    ``r`` rounds of a softmax over all (source, candidate) pairs of an image at temperature tau2, each round
+    suppressing the sources that already took probability mass, so every source merges about once.
+
+    Args:
+        src: [B, Na, E] unit-normalised source embeddings.
+        dst: [B, Nb, E] unit-normalised destination embeddings.
+        r: merges to select (capped at Na).
+        k: candidate destinations per source (capped at Nb).
+        tau1: similarity temperature.
+        tau2: selection temperature.
+
+    Returns:
+        [B, Na, Nb] merge weights (float32 or wider), zero outside the candidates, each row summing to <= 1 and all
+        of them to about ``r``.
+    """
+    B, Na, _ = src.shape
+    Nb = dst.shape[1]
+    r, k = min(r, Na), min(k, Nb)
+    work = torch.promote_types(src.dtype, torch.float32)  # float32 at least, also under autocast
+    sim = src.to(work) @ dst.to(work).transpose(1, 2)  # [B, Na, Nb]
+    cand_sim, cand = sim.topk(k, dim=-1)  # [B, Na, k]
+    logits = cand_sim / tau1
+    eps = torch.finfo(torch.float32).eps  # the suppression floor of DESIGN.md 2.4
+    total = torch.zeros_like(logits)
+    for _ in range(r):
+        p = F.softmax((logits / tau2).flatten(1), dim=-1).view(B, Na, k)
+        total = total + p
+        logits = logits + torch.log((1 - p.sum(-1, keepdim=True)).clamp_min(eps))
+    total = total / total.sum(-1, keepdim=True).clamp_min(1).detach()
+    return sim.new_zeros(B, Na, Nb).scatter(2, cand, total)
+
+
+def clamp01_st(v: Tensor) -> Tensor:
+    """Clamp to [0, 1] in the forward pass, identity gradient in the backward pass."""
+    return v + (v.clamp(0, 1) - v).detach()
+
+
+def soft_merge(
+    x_src: Tensor, x_dst: Tensor, s_src: Tensor, s_dst: Tensor, weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Soft size-weighted merge of sources into destinations with fractional weights.
+
+    s_dst' = s_dst + Wᵀ s_src;  x_dst' = (s_dst x_dst + Wᵀ (s_src x_src)) / s_dst';
+    s_src' = s_src · clamp(1 − W 1, 0, 1) (straight-through). Source features are unchanged: their weight
+    fades through their size. Total size and the size-weighted feature sum are conserved.
+
+    Args:
+        x_src: [B, Na, C]; x_dst: [B, Nb, C]; s_src: [B, Na, 1]; s_dst: [B, Nb, 1].
+        weights: [B, Na, Nb] from :func:`soft_grouping`.
+
+    Returns:
+        new destination features [B, Nb, C], destination sizes [B, Nb, 1], source sizes [B, Na, 1].
+    """
+    wt = weights.transpose(1, 2)
+    new_s_dst = s_dst + wt @ s_src
+    new_x_dst = (s_dst * x_dst + wt @ (s_src * x_src)) / new_s_dst
+    new_s_src = s_src * clamp01_st(1 - weights.sum(-1, keepdim=True))
+    return new_x_dst, new_s_dst, new_s_src
+
+
+def soft_merge_sources(source: Tensor, weights: Tensor, src_idx: Tensor, dst_idx: Tensor) -> Tensor:
+    """Carry a source map through a soft merge: rows of destinations gain Wᵀ rows of sources.
+
+    Args:
+        source: [B, N, N0] share of every input patch each token holds.
+        weights: [B, Na, Nb] soft merge weights.
+        src_idx: [Na] token positions of the sources; dst_idx: [Nb] positions of the destinations.
+
+    Returns:
+        [B, N, N0] updated map (its row sums equal the new sizes).
+    """
+    m_src, m_dst = source[:, src_idx], source[:, dst_idx]
+    out = source.clone()
+    out[:, dst_idx] = m_dst + weights.transpose(1, 2).to(source.dtype) @ m_src
+    out[:, src_idx] = m_src * (1 - weights.sum(-1, keepdim=True)).clamp(0, 1).to(source.dtype)
+    return out
+
+
+def unmerge_tokens(x: Tensor, source: Tensor) -> Tensor:
+    """Give every input patch the (share-weighted) feature of the tokens that cover it.
+
+    Args:
+        x: [B, n, C] token features.
+        source: [B, n, N0] source map; with hard merging each column has exactly one 1.
+
+    Returns:
+        [B, N0, C]. With the identity map (no merging) this is exactly ``x``.
+    """
+    share = source.transpose(1, 2).to(x.dtype)  # [B, N0, n]
+    return (share @ x) / share.sum(-1, keepdim=True).clamp_min(1e-12)

@@ -1,0 +1,116 @@
+"""The only module that knows timm internals: swaps ViT blocks to merging blocks and binds a policy."""
+
+from __future__ import annotations
+
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from dtem_lightning.policy import MergePolicy
+
+_POOLS = ("token", "avg", "")
+
+
+class MergeBlock(Block):
+    """timm ``Block`` that merges tokens between attention and MLP.
+
+    Modifications: block 0 resets the policy's state; attention gets the proportional-attention bias
+    (log size) through timm's own ``attn_mask`` so fused attention is kept; after attention the policy merges
+    tokens on its metric (keys or a decoupled embedding of the normalised input).
+    """
+
+    _merge_policy: MergePolicy
+    _merge_layer: int
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        policy, layer = self._merge_policy, self._merge_layer
+        if is_causal:
+            raise ValueError("merging blocks do not support is_causal=True")
+        if layer == 0:
+            policy.begin(x)
+        bias = policy.attn_bias()
+        if bias is not None:
+            bias = bias if attn_mask is None else bias + attn_mask
+        else:
+            bias = attn_mask
+        if bias is not None and bias.dtype.is_floating_point and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)  # SDPA wants the mask in the query's dtype
+        u = self.norm1(x)
+        x = x + self.drop_path1(self.ls1(self.attn(u, attn_mask=bias)))
+        x = policy.merge(layer, x, policy.metric(layer, u) if policy.schedule[layer] else None)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+
+class MergeVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose average pooling weights tokens by size.
+
+    Modifications: ``pool`` computes the size-weighted mean of the patch tokens for ``global_pool='avg'``
+    once tokens have merged (unchanged otherwise, so r = 0 is bit-identical).
+    """
+
+    _merge_policy: MergePolicy
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        policy = self._merge_policy
+        if pool_type == "avg" and policy.state.size is not None and not self.pool_include_prefix:
+            return policy.pool_avg(x)
+        return super().pool(x, pool_type)
+
+
+def _unsupported(what: str) -> ValueError:
+    return ValueError(
+        f"apply_policy supports timm VisionTransformer models made of timm Block layers; found {what}. "
+        "EVA, BEiT, Swin, ResPost/parallel blocks and attention-pool heads are not supported."
+    )
+
+
+def apply_policy(vit: nn.Module, policy: MergePolicy) -> nn.Module:
+    """Turn an existing timm ViT into a merging one, in place.
+
+    Checks the model, swaps each ``Block`` to :class:`MergeBlock` and the model to
+    :class:`MergeVisionTransformer` (only ``forward``/``pool`` differ; the state_dict keys do not change),
+    and binds ``policy`` (which builds its embeddings or hooks). Works on a loaded model, not only at creation.
+
+    Args:
+        vit: a timm ``VisionTransformer``.
+        policy: the merge policy; held by the blocks as a plain reference (register it on your own module).
+
+    Returns:
+        ``vit`` itself.
+    """
+    if not isinstance(vit, VisionTransformer):
+        raise _unsupported(f"model class {type(vit).__name__}")
+    if isinstance(vit, MergeVisionTransformer) or getattr(policy, "depth", 0):
+        raise RuntimeError(
+            f"a merge policy is already applied to this {type(vit).__name__} (or policy bound)"
+        )
+    for i, blk in enumerate(vit.blocks):
+        if type(blk) is not Block:
+            raise _unsupported(f"block {i} of class {type(blk).__name__}")
+    if vit.attn_pool is not None or vit.global_pool not in _POOLS:
+        raise _unsupported(f"global_pool={vit.global_pool!r}")
+    if vit.grad_checkpointing:
+        raise ValueError(
+            "gradient checkpointing re-runs blocks and would corrupt the merge state; disable it"
+        )
+    policy.bind(vit)
+    for i, blk in enumerate(vit.blocks):
+        blk.__class__ = MergeBlock
+        # Plain attributes, not submodules: the policy is registered once by its owner.
+        object.__setattr__(blk, "_merge_policy", policy)
+        object.__setattr__(blk, "_merge_layer", i)
+    cls = type(vit)
+    vit.__class__ = (
+        MergeVisionTransformer
+        if cls is VisionTransformer
+        else type(f"Merge{cls.__name__}", (MergeVisionTransformer, cls), {})
+    )
+    object.__setattr__(vit, "_merge_policy", policy)
+    return vit
+
+
+def num_tokens(vit: nn.Module, img_size: tuple[int, int] | None = None) -> int:
+    """Tokens entering block 0 (prefix included) for an input of ``img_size`` (default: the model's)."""
+    grid = vit.patch_embed.dynamic_feat_size(img_size) if img_size else vit.patch_embed.grid_size
+    return grid[0] * grid[1] + vit.num_prefix_tokens

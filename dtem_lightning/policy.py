@@ -1,0 +1,281 @@
+"""Merge policies: what to merge (the metric), how many (r) and how (hard or soft); they own DTEM's parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dtem_lightning import merge as M
+
+PropAttn = bool | str  # True / False / "train" (only in train mode, as DTEM does for MAE models)
+
+
+@dataclass
+class MergeState:
+    """Per-forward bookkeeping, reset at block 0.
+
+    Attributes:
+        size: [B, N, 1] patches per token, or None while every size is 1.
+        source: [B, N, N0] patch share per token when tracing sources, else None.
+        active: tokens (prefix included) still eligible for soft merging; the rest are only attended.
+        keys: [B, H, N, D] keys of the current block (filled by ToMe's hook).
+        tokens: token count after each block so far (hard merging) or active count (soft merging).
+    """
+
+    size: Tensor | None = None
+    source: Tensor | None = None
+    active: int = 0
+    keys: Tensor | None = None
+    tokens: list[int] = field(default_factory=list)
+
+
+class MergePolicy(nn.Module):
+    """Base policy: holds r, binds to a ViT, keeps :class:`MergeState`, does hard size-weighted merging.
+
+    Subclasses override :meth:`metric` (what similarity to match on) and, for soft training, :meth:`merge`.
+    The base class has no metric, so it never merges: it is :class:`NoMerge`.
+
+    Args:
+        r: tokens removed per block: one int for every block or a list with one entry per block.
+        prop_attn: proportional attention (add log(size) to attention logits): True, False or "train".
+        trace_source: keep a map from tokens to input patches (needed by :meth:`unmerge`).
+    """
+
+    def __init__(
+        self, r: int | list[int] = 0, prop_attn: PropAttn = True, trace_source: bool = False
+    ) -> None:
+        super().__init__()
+        if prop_attn not in (True, False, "train"):
+            raise ValueError(f"prop_attn must be true, false or 'train', got {prop_attn!r}")
+        if isinstance(r, int) and not isinstance(r, bool):
+            M.r_schedule(r, 1)  # validate early: negative r fails at construction
+        self.r = r
+        self.prop_attn = prop_attn
+        self.trace_source = trace_source
+        self.state = MergeState()
+        self.depth = 0
+        self.num_prefix = 0
+        self.schedule: list[int] = []
+
+    # ----------------------------------------------------------------- binding
+    def bind(self, vit: nn.Module) -> None:
+        """Read depth, width and prefix count from ``vit`` once; subclasses build parameters/hooks here."""
+        self.depth = len(vit.blocks)
+        self.width = vit.embed_dim
+        self.num_prefix = vit.num_prefix_tokens
+        self.num_heads = vit.blocks[0].attn.num_heads
+        self.head_dim = vit.blocks[0].attn.head_dim
+        self.schedule = M.r_schedule(self.r, self.depth)
+
+    @property
+    def bound(self) -> bool:
+        return self.depth > 0
+
+    @contextmanager
+    def reduce(self, r: int | list[int]) -> Iterator[None]:
+        """Temporarily use another r (r-sweeps); the original is restored on exit."""
+        old_r, old_schedule = self.r, self.schedule
+        self.schedule = M.r_schedule(r, self.depth)
+        self.r = r
+        try:
+            yield
+        finally:
+            self.r, self.schedule = old_r, old_schedule
+
+    def token_counts(self, num_tokens: int) -> list[int]:
+        """Tokens after each block for an input of ``num_tokens`` tokens (prefix included)."""
+        schedule = self.schedule if self.uses_merging else [0] * self.depth
+        return M.token_counts(num_tokens, self.num_prefix, schedule)
+
+    @property
+    def uses_merging(self) -> bool:
+        return type(self).metric is not MergePolicy.metric and any(self.schedule)
+
+    # ----------------------------------------------------------------- per forward
+    def begin(self, x: Tensor) -> None:
+        """Reset the per-forward state (called by block 0)."""
+        B, N, _ = x.shape
+        source = None
+        if self.trace_source:
+            source = torch.eye(N, device=x.device, dtype=x.dtype).expand(B, N, N).clone()
+        self.state = MergeState(active=N, source=source)
+
+    def size(self, x: Tensor) -> Tensor:
+        """[B, N, 1] sizes (ones while nothing merged)."""
+        s = self.state.size
+        return x.new_ones(x.shape[0], x.shape[1], 1) if s is None else s
+
+    def attn_bias(self) -> Tensor | None:
+        """Proportional attention bias log(s + eps), float32 [B, 1, 1, N]; None while all sizes are 1."""
+        use = self.prop_attn is True or (self.prop_attn == "train" and self.training)
+        if not use or self.state.size is None:
+            return None
+        return torch.log(self.state.size.float() + M.SIZE_EPS)[:, None, :, 0][:, None]
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        """Similarity features [B, N, C'] for block ``layer`` from its normalised input ``u``; None: no merge."""
+        return None
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        """Hard bipartite merging of ``x`` [B, N, C] -> [B, N - r, C]; sizes and sources follow."""
+        r = self.schedule[layer] if self.schedule else 0
+        if metric is None or r == 0:
+            self.state.tokens.append(x.shape[1])
+            return x
+        merge, _ = M.bipartite_matching(metric, r, self.num_prefix)
+        x, self.state.size = M.merge_weighted(merge, x, self.size(x))
+        if self.state.source is not None:
+            self.state.source = merge(self.state.source, "sum")
+        self.state.active = x.shape[1]
+        self.state.tokens.append(x.shape[1])
+        return x
+
+    def pool_avg(self, x: Tensor) -> Tensor:
+        """Size-weighted mean of the patch tokens of x [B, N, C] -> [B, C]."""
+        s = self.size(x)[:, self.num_prefix :]
+        return (x[:, self.num_prefix :] * s).sum(1) / s.sum(1)
+
+    def unmerge(self, x: Tensor) -> Tensor:
+        """Copy tokens back to the input patch grid: [B, n, C] -> [B, N0, C] (prefix positions included)."""
+        if self.state.source is None:
+            raise RuntimeError("unmerge needs a policy created with trace_source=True")
+        return M.unmerge_tokens(x, self.state.source)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
+
+
+class NoMerge(MergePolicy):
+    """The unmerged baseline: identity in every mode (any r is ignored)."""
+
+
+class ToMe(MergePolicy):
+    """ToMe: hard bipartite merging on the keys averaged over heads (Bolya et al., ICLR 2023).
+
+    The keys are read by a forward hook on each block's ``attn.k_norm`` (an Identity unless the model uses
+    qk-norm, so normalised keys are used where they exist).
+    """
+
+    def bind(self, vit: nn.Module) -> None:
+        super().bind(vit)
+        for blk in vit.blocks:
+            blk.attn.k_norm.register_forward_hook(self._keep_keys)
+
+    def _keep_keys(self, module: nn.Module, args: tuple, out: Tensor) -> None:
+        self.state.keys = out
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        keys = self.state.keys
+        if keys is None:
+            raise RuntimeError("ToMe found no keys: is the policy bound with apply_policy()?")
+        return keys.mean(1)
+
+
+class DTEMHard(MergePolicy):
+    """DTEM with hard merging: bipartite matching on a decoupled embedding (Lee & Hong, NeurIPS 2024).
+
+    One ``nn.Linear(C, embed_dim)`` per block maps the block's normalised input, detached so the embedding
+    never sends gradients into the ViT, to the similarity metric. Hard matching gives no gradient: train
+    the embedding with :class:`DTEMSoft` and use this class for inference and evaluation.
+
+    Args:
+        embed_dim: embedding width; None gives the head dim (twice it when the ViT is 1024 wide or more).
+    """
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        embed_dim: int | None = None,
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        self.embed_dim = embed_dim
+        self.embed = nn.ModuleList()
+
+    def bind(self, vit: nn.Module) -> None:
+        super().bind(vit)
+        if self.embed_dim is None:
+            self.embed_dim = self.head_dim * (2 if self.width >= 1024 else 1)
+        p = next(vit.parameters())
+        self.embed = nn.ModuleList(
+            nn.Linear(self.width, self.embed_dim, device=p.device, dtype=p.dtype) for _ in range(self.depth)
+        )
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        return self.embed[layer](u.detach())
+
+
+class DTEMSoft(DTEMHard):
+    """DTEM's training relaxation: soft merging in train mode, hard merging (as DTEMHard) in eval mode.
+
+    Modifications in train mode: the sequence length stays N; tokens get fractional sizes through
+    :func:`~dtem_lightning.merge.soft_grouping`, are re-sorted by size and the active count drops by r per
+    block. Everything in the soft step runs in float32, also under autocast.
+
+    Args:
+        k: candidate destinations per source.
+        tau1: similarity temperature.
+        tau2: selection temperature.
+    """
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        embed_dim: int | None = None,
+        k: int = 3,
+        tau1: float = 0.1,
+        tau2: float = 0.1,
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim)
+        if k < 1 or tau1 <= 0 or tau2 <= 0:
+            raise ValueError(f"need k >= 1 and positive temperatures, got k={k}, tau1={tau1}, tau2={tau2}")
+        self.k, self.tau1, self.tau2 = k, tau1, tau2
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        if not self.training:
+            return super().merge(layer, x, metric)
+        st, P = self.state, self.num_prefix
+        r = min(self.schedule[layer], (st.active - P) // 2)
+        if metric is None or r == 0:
+            st.tokens.append(st.active)
+            return x
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._soft_step(x, metric, r)
+
+    def _soft_step(self, x: Tensor, metric: Tensor, r: int) -> Tensor:
+        st, P, n = self.state, self.num_prefix, self.state.active
+        dtype, work = x.dtype, torch.promote_types(x.dtype, torch.float32)
+        x, size = x.to(work), self.size(x).to(work)
+        dst_idx = torch.arange(P, n, 2, device=x.device)
+        src_idx = torch.arange(P + 1, n, 2, device=x.device)
+        emb = M.normalize(metric.to(work))
+        w = M.soft_grouping(emb[:, src_idx], emb[:, dst_idx], r, self.k, self.tau1, self.tau2)
+        x_dst, s_dst, s_src = M.soft_merge(
+            x[:, src_idx], x[:, dst_idx], size[:, src_idx], size[:, dst_idx], w
+        )
+        x = x.index_copy(1, dst_idx, x_dst)
+        size = size.index_copy(1, dst_idx, s_dst).index_copy(1, src_idx, s_src)
+        if st.source is not None:
+            st.source = M.soft_merge_sources(st.source, w, src_idx, dst_idx)
+        # Re-sort the active patch tokens by size (largest first): depleted sources drop out of the active set.
+        order = size[:, P:n, 0].argsort(dim=1, descending=True, stable=True) + P
+        head = torch.arange(P, device=x.device).expand(x.shape[0], P)
+        tail = torch.arange(n, x.shape[1], device=x.device).expand(x.shape[0], -1)
+        perm = torch.cat([head, order, tail], dim=1)  # [B, N]
+        x = x.gather(1, perm[..., None].expand_as(x))
+        st.size = size.gather(1, perm[..., None])
+        if st.source is not None:
+            st.source = st.source.gather(1, perm[..., None].expand_as(st.source))
+        st.active = n - r
+        st.tokens.append(st.active)
+        return x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, tau1={self.tau1}, tau2={self.tau2}"

@@ -1,0 +1,154 @@
+"""Pure merging functions: bipartite matching against a reference, soft grouping, conservation, tracing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtem_lightning import merge as M
+
+
+def reference_tome(x, size, metric, r, num_prefix):
+    """Loop-per-image reference of the ToMe rule written from its description (DESIGN.md 2.2)."""
+    out_x, out_s = [], []
+    for b in range(x.shape[0]):
+        pre, pat = list(range(num_prefix)), list(range(num_prefix, x.shape[1]))
+        dst, src = pat[0::2], pat[1::2]
+        rr = min(r, len(pat) // 2)
+        m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
+        best = {i: max(dst, key=lambda j: float(m[i] @ m[j])) for i in src}
+        score = {i: float(m[i] @ m[best[i]]) for i in src}
+        merged = sorted(src, key=lambda i: -score[i])[:rr]
+        xs = {i: x[b, i] * size[b, i] for i in range(x.shape[1])}
+        ss = {i: size[b, i].clone() for i in range(x.shape[1])}
+        for i in merged:
+            xs[best[i]] = xs[best[i]] + xs[i]
+            ss[best[i]] = ss[best[i]] + ss[i]
+        order = pre + [i for i in src if i not in merged] + dst
+        out_x.append(torch.stack([xs[i] / ss[i] for i in order]))
+        out_s.append(torch.stack([ss[i] for i in order]))
+    return torch.stack(out_x), torch.stack(out_s)
+
+
+@pytest.mark.parametrize("num_prefix,n,r", [(1, 17, 5), (1, 17, 100), (5, 20, 4), (0, 9, 3), (2, 12, 0)])
+def test_bipartite_matches_reference(num_prefix, n, r):
+    x, metric = torch.randn(3, n, 8, dtype=torch.float64), torch.randn(3, n, 6, dtype=torch.float64)
+    size = torch.rand(3, n, 1, dtype=torch.float64) + 0.5
+    merge, _ = M.bipartite_matching(metric, r, num_prefix)
+    got_x, got_s = M.merge_weighted(merge, x, size)
+    ref_x, ref_s = reference_tome(x, size, metric, r, num_prefix)
+    assert got_x.shape == ref_x.shape == (3, n - min(r, (n - num_prefix) // 2), 8)
+    torch.testing.assert_close(got_x, ref_x)
+    torch.testing.assert_close(got_s, ref_s)
+
+
+def test_merge_conserves_size_and_weighted_sum():
+    x, size, metric = (
+        torch.randn(2, 33, 4, dtype=torch.float64),
+        torch.rand(2, 33, 1).double() + 1,
+        torch.randn(2, 33, 5),
+    )
+    merge, _ = M.bipartite_matching(metric, 10, 1)
+    y, s = M.merge_weighted(merge, x, size)
+    torch.testing.assert_close(s.sum(1), size.sum(1))
+    torch.testing.assert_close((y * s).sum(1), (x * size).sum(1))
+
+
+def test_unmerge_closure_and_source_map_agree():
+    x, metric = torch.randn(2, 21, 4), torch.randn(2, 21, 5)
+    merge, unmerge = M.bipartite_matching(metric, 7, 1)
+    y = merge(x, "mean")
+    back = unmerge(y)
+    assert back.shape == x.shape
+    source = merge(torch.eye(21).expand(2, 21, 21).clone(), "sum")
+    assert torch.equal(source.sum(1), torch.ones(2, 21))  # each input token maps to exactly one output token
+    torch.testing.assert_close(M.unmerge_tokens(y, source), back)
+    # unmerged positions get their own value back
+    assert torch.equal(back[:, 0], x[:, 0])
+
+
+def test_unmerge_identity_is_exact():
+    x = torch.randn(2, 10, 3)
+    assert torch.equal(M.unmerge_tokens(x, torch.eye(10).expand(2, 10, 10)), x)
+
+
+def test_r_schedule_and_counts():
+    assert M.r_schedule(3, 4) == [3, 3, 3, 3]
+    assert M.r_schedule([1, 0, 2], 3) == [1, 0, 2]
+    counts = M.token_counts(197, 1, M.r_schedule(16, 12))
+    assert counts == [181, 165, 149, 133, 117, 101, 85, 69, 53, 37, 21, 11]
+    assert M.token_counts(9, 1, [100, 100]) == [5, 3]
+    with pytest.raises(ValueError, match="-1"):
+        M.r_schedule(-1, 3)
+    with pytest.raises(ValueError, match="2 entries but the model has 3"):
+        M.r_schedule([1, 2], 3)
+    with pytest.raises(TypeError, match="1.5"):
+        M.r_schedule([1.5, 2], 2)
+
+
+def test_soft_grouping_rows_and_total():
+    src, dst = M.normalize(torch.randn(2, 16, 8)), M.normalize(torch.randn(2, 17, 8))
+    w = M.soft_grouping(src, dst, r=5)
+    assert w.shape == (2, 16, 17) and w.dtype == torch.float32
+    assert (w.sum(-1) <= 1 + 1e-6).all() and (w >= 0).all()
+    assert ((w > 0).sum(-1) <= 3).all()  # only top-k candidates
+    torch.testing.assert_close(w.sum((1, 2)), torch.full((2,), 5.0), atol=0.05, rtol=0)
+
+
+def _separated_embedding(n_src=8, n_dst=9, dim=24, seed=0):
+    """Embeddings whose best scores are well separated (gaps ≫ tau1·tau2) and span < 15.9·tau1."""
+    g = torch.Generator().manual_seed(seed)
+    dst = M.normalize(torch.randn(n_dst, dim, generator=g))
+    targets = torch.randint(0, n_dst, (n_src,), generator=g)
+    # Best score of source i is 0.95 - 0.05 i: distinct, separated by 0.05 (≫ 1e-4), spanning 0.35 (< 1.59).
+    cos = 0.95 - 0.05 * torch.arange(n_src, dtype=torch.float32)
+    noise = M.normalize(torch.randn(n_src, dim, generator=g))
+    noise = M.normalize(noise - (noise * dst[targets]).sum(-1, keepdim=True) * dst[targets])
+    src = cos[:, None] * dst[targets] + (1 - cos[:, None] ** 2).sqrt() * noise
+    perm = torch.randperm(n_src, generator=g)
+    return src[perm][None], dst[None]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_grouping_reduces_to_hard_matching(seed):
+    src, dst = _separated_embedding(seed=seed)
+    r = 4
+    # Hard rule (2.2) on the same embedding, in the interleaved layout the matcher expects.
+    tokens = torch.zeros(1, 17, src.shape[-1])
+    tokens[:, 0::2], tokens[:, 1::2] = dst, src
+    merge, _ = M.bipartite_matching(tokens, r, 0)
+    source = merge(torch.eye(17).double()[None], "sum")
+    hard = torch.zeros(8, 9)
+    for row in source[0]:
+        members = row.nonzero().flatten().tolist()
+        if len(members) > 1:
+            d = [m for m in members if m % 2 == 0][0] // 2
+            for m in members:
+                if m % 2 == 1:
+                    hard[m // 2, d] = 1
+    assert hard.sum() == r
+    for tau2 in (1e-2, 1e-3):
+        w = M.soft_grouping(src, dst, r, k=3, tau1=0.1, tau2=tau2)[0]
+        assert torch.allclose(w, hard, atol=1e-3), (tau2, w, hard)
+
+
+def test_soft_merge_conserves_and_differentiates():
+    x_a, x_b = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 7, 4, dtype=torch.float64)
+    s_a, s_b = torch.rand(2, 6, 1).double() + 0.5, torch.rand(2, 7, 1).double() + 0.5
+    emb_a = torch.randn(2, 6, 5, requires_grad=True)
+    w = M.soft_grouping(M.normalize(emb_a), M.normalize(torch.randn(2, 7, 5)), r=3).double()
+    nx_b, ns_b, ns_a = M.soft_merge(x_a, x_b, s_a, s_b, w)
+    torch.testing.assert_close(ns_a.sum(1) + ns_b.sum(1), s_a.sum(1) + s_b.sum(1))
+    torch.testing.assert_close(
+        (ns_a * x_a).sum(1) + (ns_b * nx_b).sum(1), (s_a * x_a).sum(1) + (s_b * x_b).sum(1)
+    )
+    ((nx_b**2).sum() + ns_a.sum()).backward()
+    assert emb_a.grad is not None and emb_a.grad.abs().sum() > 0
+
+
+def test_clamp_straight_through():
+    v = torch.tensor([-0.5, 0.3, 1.5], requires_grad=True)
+    out = M.clamp01_st(v)
+    assert out.tolist() == [0.0, pytest.approx(0.3), 1.0]
+    out.sum().backward()
+    assert v.grad.tolist() == [1.0, 1.0, 1.0]
