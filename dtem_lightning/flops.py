@@ -42,16 +42,6 @@ SDPA_HOOKS: dict[Any, Callable[[Sequence[Any], Sequence[Any]], int]] = {
 }
 
 
-def _policies(model: nn.Module) -> list[nn.Module]:
-    """Merge policies bound to ``model`` (apply_policy keeps them as plain attributes, not submodules)."""
-    found: dict[int, nn.Module] = {}
-    for m in model.modules():
-        policy = getattr(m, "_merge_policy", None)
-        if isinstance(policy, nn.Module):
-            found[id(policy)] = policy
-    return list(found.values())
-
-
 def gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
     """Multiply-accumulates / 1e9 of one eval-mode forward of ``model`` on one image.
 
@@ -67,7 +57,7 @@ def gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) ->
     (0.7.5) registers forward hooks on the model's children and never removes them, swallows exceptions
     (returns None) and feeds an uninitialised input.
 
-    The model and its merge policy run in eval mode under ``torch.no_grad``; every module's previous
+    The model (and so its merge policy) runs in eval mode under ``torch.no_grad``; every module's previous
     train/eval flag is restored afterwards. The input is on the model's device and dtype.
 
     Args:
@@ -83,15 +73,13 @@ def gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) ->
     # A local generator: counting FLOPs must not move the global RNG.
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, *input_size, generator=gen).to(device=ref.device, dtype=ref.dtype)
-    # model.eval() does not reach a policy held as a plain attribute, and DTEMSoft in train mode merges
-    # softly (drops no token): put both in eval mode, then restore every module's own flag.
-    roots = [model, *_policies(model)]
-    modes = [(m, m.training) for root in roots for m in root.modules()]
+    # Eval mode (merge policies follow the backbone's mode: hard merging), then restore every module's flag.
+    modes = [(m, m.training) for m in model.modules()]
     counter = _AtenCounter(custom_hooks=SDPA_HOOKS)
     try:
-        for root in roots:
-            root.eval()
-        with torch.no_grad(), counter:
+        model.eval()
+        # inference_mode (Lightning's test loop) hides ops from the dispatch-mode counter: switch it off.
+        with torch.inference_mode(False), torch.no_grad(), counter:
             model(x)
     finally:
         for m, mode in modes:

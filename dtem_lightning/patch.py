@@ -26,7 +26,7 @@ class MergeBlock(Block):
         if is_causal:
             raise ValueError("merging blocks do not support is_causal=True")
         if layer == 0:
-            policy.begin(x)
+            policy.begin(x, self.training)
         bias = policy.attn_bias()
         if bias is not None:
             bias = bias if attn_mask is None else bias + attn_mask
@@ -108,6 +108,17 @@ def apply_policy(vit: nn.Module, policy: MergePolicy) -> nn.Module:
     )
     object.__setattr__(vit, "_merge_policy", policy)
     return vit
+
+
+def use_policy(vit: nn.Module, policy: MergePolicy) -> None:
+    """Point a patched ViT at another policy already bound to it (sweeps over several policies)."""
+    if not isinstance(vit, MergeVisionTransformer):
+        raise RuntimeError("use_policy needs a model patched by apply_policy()")
+    if policy.depth != len(vit.blocks):
+        raise RuntimeError(f"{type(policy).__name__} is not bound to this model: call policy.bind(vit) first")
+    for blk in vit.blocks:
+        object.__setattr__(blk, "_merge_policy", policy)
+    object.__setattr__(vit, "_merge_policy", policy)
 
 
 def num_tokens(vit: nn.Module, img_size: tuple[int, int] | None = None) -> int:

@@ -24,6 +24,7 @@ class MergeState:
         active: tokens (prefix included) still eligible for soft merging; the rest are only attended.
         keys: [B, H, N, D] keys of the current block (filled by ToMe's hook).
         tokens: token count after each block so far (hard merging) or active count (soft merging).
+        training: the backbone's mode for this forward (soft merging and prop_attn="train" follow it).
     """
 
     size: Tensor | None = None
@@ -31,6 +32,7 @@ class MergeState:
     active: int = 0
     keys: Tensor | None = None
     tokens: list[int] = field(default_factory=list)
+    training: bool = False
 
 
 class MergePolicy(nn.Module):
@@ -96,13 +98,13 @@ class MergePolicy(nn.Module):
         return type(self).metric is not MergePolicy.metric and any(self.schedule)
 
     # ----------------------------------------------------------------- per forward
-    def begin(self, x: Tensor) -> None:
-        """Reset the per-forward state (called by block 0)."""
+    def begin(self, x: Tensor, training: bool = False) -> None:
+        """Reset the per-forward state (called by block 0 with the backbone's mode)."""
         B, N, _ = x.shape
         source = None
         if self.trace_source:
             source = torch.eye(N, device=x.device, dtype=x.dtype).expand(B, N, N).clone()
-        self.state = MergeState(active=N, source=source)
+        self.state = MergeState(active=N, source=source, training=training)
 
     def size(self, x: Tensor) -> Tensor:
         """[B, N, 1] sizes (ones while nothing merged)."""
@@ -111,7 +113,7 @@ class MergePolicy(nn.Module):
 
     def attn_bias(self) -> Tensor | None:
         """Proportional attention bias log(s + eps), float32 [B, 1, 1, N]; None while all sizes are 1."""
-        use = self.prop_attn is True or (self.prop_attn == "train" and self.training)
+        use = self.prop_attn is True or (self.prop_attn == "train" and self.state.training)
         if not use or self.state.size is None:
             return None
         return torch.log(self.state.size.float() + M.SIZE_EPS)[:, None, :, 0][:, None]
@@ -213,7 +215,7 @@ class DTEMHard(MergePolicy):
 class DTEMSoft(DTEMHard):
     """DTEM's training relaxation: soft merging in train mode, hard merging (as DTEMHard) in eval mode.
 
-    Modifications in train mode: the sequence length stays N; tokens get fractional sizes through
+    Modifications in train mode (the backbone's mode decides): the sequence length stays N; tokens get fractional sizes through
     :func:`~dtem_lightning.merge.soft_grouping`, are re-sorted by size and the active count drops by r per
     block. Everything in the soft step runs in float32, also under autocast.
 
@@ -239,7 +241,7 @@ class DTEMSoft(DTEMHard):
         self.k, self.tau1, self.tau2 = k, tau1, tau2
 
     def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
-        if not self.training:
+        if not self.state.training:
             return super().merge(layer, x, metric)
         st, P = self.state, self.num_prefix
         r = min(self.schedule[layer], (st.active - P) // 2)

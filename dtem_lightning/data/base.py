@@ -8,7 +8,9 @@ from typing import Any
 import lightning as L
 import timm
 import torch
+from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
+from timm.data.auto_augment import RandAugment
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -40,6 +42,19 @@ def resolve_backbone_config(backbone: str) -> dict[str, Any]:
     with torch.device("meta"):
         model = timm.create_model(backbone, pretrained=False)
     return resolve_data_config({}, model=model)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize, also for 0 bits: a black image, as older Pillow and the TF reference gave.
+
+    RandAugment ``rand-m9-mstd0.5-inc1`` draws 0 bits whenever the sampled magnitude reaches 10 (about 2 % of its
+    posterize calls), and current Pillow rejects 0, which would crash a training run at a random step.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -109,10 +124,10 @@ class BaseDataModule(L.LightningDataModule):
         """PIL image -> normalised float tensor [C, H, W] for ``kind`` in ``deit``, ``simple``, ``eval``.
 
         ``deit``: RandAugment rand-m9-mstd0.5-inc1, bicubic random-resized crop, flip, random erasing 0.25
-        (pixel); colour jitter 0.4 is passed but, as in timm and DeiT, unused when RandAugment is on. Tiny images
-        get resize + random crop with 4-pixel padding instead of the random-resized crop (DeiT's CIFAR rule).
-        ``simple``: random-resized crop + flip, or resize + flip for tiny images. ``eval``: timm's eval
-        transform (resize to size / crop_pct, center crop).
+        (pixel); colour jitter 0.4 is passed but, as in timm and DeiT, unused when RandAugment is on. Tiny
+        images get resize (shorter side) + random crop with 4-pixel padding instead of the random-resized crop
+        (DeiT's CIFAR rule). ``simple``: random-resized crop + flip, or resize + center crop + flip for tiny
+        images. ``eval``: timm's eval transform (resize to size / crop_pct, center crop).
         """
         cfg = self.data_config
         size = self.input_size[1:]
@@ -128,9 +143,10 @@ class BaseDataModule(L.LightningDataModule):
                 crop_pct=cfg["crop_pct"],
                 crop_mode=cfg.get("crop_mode"),
             )
+        resize = T.Resize(min(size), interpolation=interp)  # shorter side, as the eval transform does
         if kind == "simple":
             first = (
-                T.Resize(size, interpolation=interp)
+                T.Compose([resize, T.CenterCrop(size)])
                 if self.tiny
                 else T.RandomResizedCrop(size, interpolation=interp)
             )
@@ -148,10 +164,13 @@ class BaseDataModule(L.LightningDataModule):
                 mean=cfg["mean"],
                 std=cfg["std"],
             )
+            for t in tf.transforms:
+                if isinstance(t, RandAugment):
+                    for op in t.ops:
+                        if op.name.startswith("Posterize"):
+                            op.aug_fn = _posterize
             if self.tiny:
-                tf.transforms[0] = T.Compose(
-                    [T.Resize(size, interpolation=interp), T.RandomCrop(size, padding=4)]
-                )
+                tf.transforms[0] = T.Compose([resize, T.RandomCrop(size, padding=4)])
             return tf
         raise ValueError(f"unknown transform {kind!r}; expected one of {(*TRAIN_TRANSFORMS, 'eval')}")
 

@@ -52,7 +52,9 @@ class SyntheticDataModule(BaseDataModule):
         colours = torch.rand(self.num_classes, 3, generator=g) * 2 - 1  # same for every split
         g.manual_seed(self.seed + 1 + offset)
         y = torch.arange(self.num_samples) % self.num_classes
-        x = colours[y][:, :, None, None] + self.noise * torch.randn(self.num_samples, *self.input_size, generator=g)
+        x = colours[y][:, :, None, None] + self.noise * torch.randn(
+            self.num_samples, *self.input_size, generator=g
+        )
         return TensorDataset(x, y)
 
     def setup(self, stage: str | None = None) -> None:

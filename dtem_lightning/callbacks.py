@@ -1,0 +1,102 @@
+"""Callbacks: FLOPs logging for fit, and the sweep writer (sweep.csv, tradeoff.png, printed table)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+FIXED_COLUMNS = ["policy", "r", "gflops", "tokens"]
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's log directory (the logger's versioned folder, else the trainer's root)."""
+    logger = trainer.logger
+    path = getattr(logger, "log_dir", None) if logger is not None else None
+    return Path(path or trainer.default_root_dir)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of sweep rows (floats with 4 significant decimals)."""
+    if not rows:
+        return "(empty sweep)"
+    cols = list(rows[0])
+    fmt = [f"{v:.4f}" if isinstance(v, float) else str(v) for r in rows for v in r.values()]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for i in range(len(rows)):
+        lines.append("| " + " | ".join(fmt[i * len(cols) : (i + 1) * len(cols)]) + " |")
+    return "\n".join(lines)
+
+
+def write_sweep(rows: list[dict[str, Any]], out_dir: Path, metric: str | None = None) -> tuple[Path, Path]:
+    """Write ``sweep.csv`` and ``tradeoff.png`` (``metric`` vs GFLOPs, one curve per policy) to ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = FIXED_COLUMNS + [c for c in rows[0] if c not in FIXED_COLUMNS]
+    csv_path = out_dir / "sweep.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    metric = metric or cols[len(FIXED_COLUMNS)]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        pts = sorted((r["gflops"], r[metric], r["r"]) for r in rows if r["policy"] == policy)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+        for g, m, r in pts:
+            if not (math.isnan(g) or math.isnan(m)):
+                ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("GFLOPs (GMACs per image)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png_path = out_dir / "tradeoff.png"
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return csv_path, png_path
+
+
+class SweepWriter(L.Callback):
+    """After ``test``, write the task's r-sweep to ``sweep.csv`` and ``tradeoff.png`` and print the table.
+
+    Args:
+        metric: column plotted against GFLOPs (default: the first metric column).
+        out_dir: where to write (default: the run's log directory).
+    """
+
+    def __init__(self, metric: str | None = None, out_dir: str | None = None) -> None:
+        self.metric, self.out_dir = metric, out_dir
+
+    @rank_zero_only
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        rows = getattr(pl_module, "sweep_results", [])
+        if not rows:
+            return
+        out = Path(self.out_dir) if self.out_dir else run_dir(trainer)
+        csv_path, png_path = write_sweep(rows, out, self.metric)
+        print(f"\n{format_table(rows)}\n\nsweep written to {csv_path} and {png_path}")
+
+
+class FlopsLogger(L.Callback):
+    """Log ``val/gflops`` and ``val/tokens``: the evaluated (hard-merging) model at the policy's own r."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        size = pl_module.input_size_for_flops(trainer)
+        if size is None:
+            return
+        gf = pl_module.gmacs(size)
+        tokens = pl_module.policy.token_counts(pl_module.num_input_tokens(size))[-1]
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/gflops": gf, "val/tokens": tokens}, step=0)
+        pl_module.print(
+            f"{type(pl_module.policy).__name__} r={pl_module.policy.r}: {gf:.3f} GFLOPs, {tokens} tokens"
+        )
