@@ -37,7 +37,7 @@ def _fix() -> None:
     except (OSError, RuntimeError):
         pass
     lib = torch.library.Library("torchvision", "FRAGMENT")
-    for name, schema in _SCHEMAS.items():
+    for schema in _SCHEMAS.values():
         try:
             lib.define(schema)
         except RuntimeError:  # already defined by someone else

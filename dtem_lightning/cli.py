@@ -29,11 +29,26 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 _LINK_TARGETS = ("img_size", "num_classes")
 
 
+class _Parser(LightningArgumentParser):
+    """Argument parser whose errors are a short message and a tip, not the whole usage text."""
+
+    def error(self, message: str, ex: Exception | None = None) -> None:
+        if not self.exit_on_error or os.environ.get("DTEM_DEBUG"):
+            super().error(message, ex)
+        lines = [ln for ln in message.splitlines() if ln.strip()]
+        short = "\n  ".join(lines[:12]) + ("\n  ..." if len(lines) > 12 else "")
+        sys.stderr.write(
+            f"dtem: error: {short}\n(run with --help for the options; DTEM_DEBUG=1 for details)\n"
+        )
+        self.exit(2)
+
+
 class DTEMCLI(LightningCLI):
     """LightningCLI with argument links, sweep/FLOPs callbacks and checkpoint hparams as mere defaults.
 
-    Modifications: with ``--ckpt_path FILE`` the task's saved hyper-parameters become defaults, so config
-    files and command-line values win over them (Lightning itself lets the checkpoint win).
+    Modifications: with ``--ckpt_path FILE`` the task's saved hyper-parameters become defaults before parsing,
+    so no model arguments are needed and config files and command-line values win over them (Lightning itself
+    lets the checkpoint win and still requires the model arguments).
     """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -44,29 +59,38 @@ class DTEMCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        self._raw_args = args
+        raw = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        if raw and raw[0] in getattr(self, "_subcommand_parsers", {}):
+            self._ckpt_hparams_as_defaults(raw[0], _ckpt_path_arg(raw[1:]))
         super().parse_arguments(parser, args)
 
-    def _parse_ckpt_path(self) -> None:
-        sub = self.config.get("subcommand")
-        if not sub:
-            return
-        ckpt_path = self.config[sub].get("ckpt_path")
+    def _ckpt_hparams_as_defaults(self, subcommand: str, ckpt_path: str | None) -> None:
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = dict(
-            torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
-        )
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        hparams = dict(ckpt.get("hyper_parameters", {}))
         class_path = hparams.pop("_class_path", None)
         hparams.pop("_instantiator", None)
         if class_path is None:
             return
         for key in _LINK_TARGETS:
             hparams.pop(key, None)
-        self._subcommand_parsers[sub].set_defaults(
+        self._subcommand_parsers[subcommand].set_defaults(
             {"model": {"class_path": class_path, "init_args": hparams}}
         )
-        self.parse_arguments(self.parser, self._raw_args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning re-applies checkpoint hparams over the parsed config here; ours are defaults already."""
+
+
+def _ckpt_path_arg(args: list[str]) -> str | None:
+    """The value of ``--ckpt_path`` in a command line, if any."""
+    for i, a in enumerate(args):
+        if a.startswith("--ckpt_path="):
+            return a.split("=", 1)[1]
+        if a == "--ckpt_path" and i + 1 < len(args):
+            return args[i + 1]
+    return None
 
 
 def main(args: list[str] | None = None) -> None:
@@ -80,6 +104,7 @@ def main(args: list[str] | None = None) -> None:
             auto_configure_optimizers=False,
             save_config_kwargs={"overwrite": True},
             trainer_defaults=TRAINER_DEFAULTS,
+            parser_class=_Parser,
             args=args,
         )
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError, KeyError) as e:

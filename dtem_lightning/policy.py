@@ -215,9 +215,9 @@ class DTEMHard(MergePolicy):
 class DTEMSoft(DTEMHard):
     """DTEM's training relaxation: soft merging in train mode, hard merging (as DTEMHard) in eval mode.
 
-    Modifications in train mode (the backbone's mode decides): the sequence length stays N; tokens get fractional sizes through
-    :func:`~dtem_lightning.merge.soft_grouping`, are re-sorted by size and the active count drops by r per
-    block. Everything in the soft step runs in float32, also under autocast.
+    Modifications in train mode (the backbone's mode decides): the sequence length stays N; tokens get
+    fractional sizes through :func:`~dtem_lightning.merge.soft_grouping`, are re-sorted by size and the
+    active count drops by r per block. Everything in the soft step runs in float32, also under autocast.
 
     Args:
         k: candidate destinations per source.

@@ -71,7 +71,7 @@ def main() -> None:
         f"# {args.model}, batch {args.batch}, {args.dtype}, {args.device}, "
         f"{'eager' if args.eager else 'fused'} attention, threads {torch.get_num_threads()}"
     )
-    print(f"| policy | r | tokens | img/s | speed-up vs r=0 |\n|---|---|---|---|---|")
+    print("| policy | r | tokens | img/s | speed-up vs r=0 |\n|---|---|---|---|---|")
     for name, r, tokens, ips in rows:
         print(f"| {name} | {r} | {tokens} | {ips:.1f} | {ips / base:.2f}x |")
 

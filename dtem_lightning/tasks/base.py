@@ -254,7 +254,7 @@ class BaseTask(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         decay, no_decay = [], []
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if not p.requires_grad:
                 continue
             (no_decay if self.hparams.no_weight_decay_1d and p.ndim <= 1 else decay).append(p)

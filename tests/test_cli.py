@@ -1,0 +1,220 @@
+"""The dtem CLI: every config runs fit + test with the debug overlay, checkpoints, sweeps, DDP, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtem_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-subset" / "cifar10_train2000pc_test500pc.zip"
+EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("debug.yaml", "trainer.yaml"))
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> str:
+    """The CIFAR-10 subset when present, else a small generated image tree in the same layout."""
+    if CIFAR.exists():
+        return str(CIFAR)
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in range(3):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(8):
+                arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
+                Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
+    return str(root)
+
+
+def run(args: list[str]) -> None:
+    main(args)
+
+
+def debug_args(cfg: Path, image_root: str, out: Path) -> list[str]:
+    return [
+        "-c", str(cfg), "-c", str(CONFIGS / "debug.yaml"),
+        f"--data.init_args.root={image_root}",
+        f"--trainer.logger.init_args.save_dir={out}",
+    ]  # fmt: skip
+
+
+def read_sweep(out: Path) -> list[dict[str, str]]:
+    files = sorted(out.rglob("sweep.csv"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no sweep.csv under {out}"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("cfg", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_config_fits_and_tests(cfg, image_root, tmp_path):
+    args = debug_args(cfg, image_root, tmp_path)
+    run(["fit", *args])
+    ckpts = list(tmp_path.rglob("last.ckpt"))
+    assert ckpts, "fit wrote no last.ckpt"
+    run(["test", *args, f"--ckpt_path={ckpts[0]}"])
+    rows = read_sweep(tmp_path)
+    assert list(rows[0])[:6] == ["policy", "r", "gflops", "tokens", "acc1", "acc5"]
+    main_rows = [r for r in rows if r["policy"] == rows[0]["policy"]]
+    assert [int(r["r"]) for r in main_rows] == [0, 2, 4] or rows[0]["policy"] == "NoMerge"
+    assert (tmp_path / "debug").exists()
+
+
+def test_trainer_yaml_stacks(image_root, tmp_path):
+    args = [
+        "-c",
+        str(CONFIGS / "trainer.yaml"),
+        *debug_args(CONFIGS / "deit_s_modular.yaml", image_root, tmp_path),
+    ]
+    run(["fit", *args])
+    assert list(tmp_path.rglob("last.ckpt"))
+
+
+def test_print_config_shows_paper_recipe(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["fit", "-c", str(CONFIGS / "deit_s_modular.yaml"), "--print_config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for needle in ("class_path: dtem_lightning.DTEMSoft", "r: 16", "tau1: 0.1", "tau2: 0.1", "k: 3", "lr: 0.0001",
+                   "weight_decay: 0.0001", "min_lr: 1.0e-06", "freeze_backbone: true", "mixup: 0.8",
+                   "cutmix: 1.0", "gradient_clip_val: 5.0", "max_epochs: 30", "batch_size: 128",
+                   "backbone: deit_small_patch16_224", "train_transform: deit"):  # fmt: skip
+        assert needle in out, needle
+
+
+@pytest.fixture(scope="module")
+def dtem_ckpt(image_root, tmp_path_factory) -> tuple[Path, Path]:
+    out = tmp_path_factory.mktemp("dtem_run")
+    run(["fit", *debug_args(CONFIGS / "deit_s_modular.yaml", image_root, out)])
+    return next(out.rglob("last.ckpt")), out
+
+
+def test_ckpt_test_command_line_wins(dtem_ckpt, image_root, tmp_path):
+    ckpt, _ = dtem_ckpt
+    data = ["--data=ImageFolderDataModule", f"--data.init_args.root={image_root}", "--data.init_args.img_size=32",
+            "--data.init_args.max_per_class=4", "--trainer.limit_test_batches=2",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    run(["test", f"--ckpt_path={ckpt}", *data, "--model.init_args.test_r=[0,8]"])
+    rows = read_sweep(tmp_path)
+    assert [(r["policy"], int(r["r"])) for r in rows] == [("DTEMSoft", 0), ("DTEMSoft", 8)]
+    assert float(rows[1]["gflops"]) != float(rows[0]["gflops"])
+    assert int(rows[1]["tokens"]) < int(rows[0]["tokens"])
+
+
+def test_ckpt_tested_with_another_policy(dtem_ckpt, image_root, tmp_path):
+    ckpt, _ = dtem_ckpt
+    args = ["test", f"--ckpt_path={ckpt}", "--data=ImageFolderDataModule", f"--data.init_args.root={image_root}",
+            "--data.init_args.img_size=32", "--data.init_args.max_per_class=4", "--trainer.limit_test_batches=2",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_args.policy=ToMe",
+            "--model.init_args.policy.r=4", "--model.init_args.test_r=[0,4,8]",
+            "--model.init_args.test_policies+=NoMerge", "--model.init_args.test_policies+=DTEMHard"]  # fmt: skip
+    with pytest.warns(UserWarning, match="unused by ToMe"):
+        run(args)
+    rows = read_sweep(tmp_path)
+    assert [r["policy"] for r in rows] == ["ToMe"] * 3 + ["NoMerge"] + ["DTEMHard (untrained)"] * 3
+    tome = [float(r["gflops"]) for r in rows if r["policy"] == "ToMe"]
+    assert tome[0] > tome[1] > tome[2]  # strictly decreasing in r
+
+
+def test_modular_fit_leaves_backbone_bit_identical(image_root, tmp_path):
+    from dtem_lightning.cli import DTEMCLI
+    from dtem_lightning.data import BaseDataModule
+    from dtem_lightning.tasks import BaseTask
+
+    args = debug_args(CONFIGS / "deit_s_modular.yaml", image_root, tmp_path)
+    cli = DTEMCLI(BaseTask, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                  auto_configure_optimizers=False, args=args, run=False)  # fmt: skip
+    before = {k: v.clone() for k, v in cli.model.backbone.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in cli.model.policy.state_dict().items()}
+    cli.trainer.fit(cli.model, cli.datamodule)
+    after = cli.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    changed = [k for k, v in cli.model.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
+    assert "embed.0.weight" in changed
+
+
+def _cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env.pop("DTEM_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "dtem_lightning", *args], capture_output=True, text=True,
+                          env=env, cwd=kw.get("cwd", ROOT), timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--model.init_args.policy=NoSuchPolicy"], "NoSuchPolicy"),
+        (["--data.init_args.root=/no/such/folder"], "/no/such/folder"),
+        (["--model.init_args.policy.r=-2"], "-2"),
+        (["--model.init_args.backbone=resnet18"], "ResNet"),
+        (["--model.init_args.checkpoint_path=/no/weights.pth"], "/no/weights.pth"),
+        (["--model.init_args.test_r=[0,-1]"], "-1"),
+    ],
+    ids=[
+        "unknown_policy",
+        "missing_data",
+        "negative_r",
+        "unsupported_backbone",
+        "missing_ckpt",
+        "bad_test_r",
+    ],
+)
+def test_bad_config_exits_with_clear_message(extra, needle, image_root, tmp_path):
+    args = ["fit", *debug_args(CONFIGS / "deit_s_modular.yaml", image_root, tmp_path), *extra]
+    proc = _cli(args)
+    assert proc.returncode != 0
+    assert needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) < 30
+
+
+def test_num_classes_mismatch_with_checkpoint(dtem_ckpt, tmp_path):
+    """A checkpoint trained on 10 classes tested on a 3-class data tree fails with a message naming both."""
+    from PIL import Image
+
+    ckpt, _ = dtem_ckpt
+    for split in ("train", "val"):
+        for c in range(3):
+            (tmp_path / split / f"k{c}").mkdir(parents=True)
+            Image.new("RGB", (32, 32)).save(tmp_path / split / f"k{c}" / "a.png")
+    data = ["--data=ImageFolderDataModule", f"--data.init_args.root={tmp_path}", "--data.init_args.img_size=32"]
+    proc = _cli(["test", f"--ckpt_path={ckpt}", *data, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "size mismatch" in proc.stderr or "num_classes" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_python_m_exit_code_zero(tmp_path):
+    proc = _cli(["fit", "-c", str(CONFIGS / "deit_s_modular.yaml"), "--print_config"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(image_root, tmp_path):
+    """2-process CPU DDP (gloo) fit + test gives the same sweep as 1 process (test set split evenly)."""
+    sweeps = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        args = [*debug_args(CONFIGS / "deit_s_modular.yaml", image_root, out), "--trainer.limit_test_batches=1.0",
+                "--data.init_args.batch_size=4", "--model.init_args.mixup=0", "--model.init_args.cutmix=0"]  # fmt: skip
+        strategy = ["--trainer.devices=2", "--trainer.strategy=ddp"] if n == 2 else []
+        proc = _cli(["fit", *args, *strategy])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        ckpt = next(out.rglob("last.ckpt"))
+        proc = _cli(["test", *args, *strategy, f"--ckpt_path={ckpt}"])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        sweeps[n] = read_sweep(out)
+    for a, b in zip(sweeps[1], sweeps[2], strict=True):
+        assert a["policy"] == b["policy"] and a["r"] == b["r"] and a["tokens"] == b["tokens"]
+        for k in ("acc1", "acc5", "gflops"):
+            assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), (k, a, b)
