@@ -187,8 +187,14 @@ def test_num_classes_mismatch_with_checkpoint(dtem_ckpt, tmp_path):
         for c in range(3):
             (tmp_path / split / f"k{c}").mkdir(parents=True)
             Image.new("RGB", (32, 32)).save(tmp_path / split / f"k{c}" / "a.png")
-    data = ["--data=ImageFolderDataModule", f"--data.init_args.root={tmp_path}", "--data.init_args.img_size=32"]
-    proc = _cli(["test", f"--ckpt_path={ckpt}", *data, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"])
+    data = [
+        "--data=ImageFolderDataModule",
+        f"--data.init_args.root={tmp_path}",
+        "--data.init_args.img_size=32",
+    ]
+    proc = _cli(
+        ["test", f"--ckpt_path={ckpt}", *data, f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"]
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "size mismatch" in proc.stderr or "num_classes" in proc.stderr, proc.stderr[-2000:]
@@ -199,7 +205,6 @@ def test_python_m_exit_code_zero(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.slow
 def test_ddp_two_processes_match_one(image_root, tmp_path):
     """2-process CPU DDP (gloo) fit + test gives the same sweep as 1 process (test set split evenly)."""
     sweeps = {}

@@ -52,6 +52,19 @@ class CosineLR(torch.optim.lr_scheduler.LambdaLR):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def _head_rows(path: str | Path) -> int | None:
+    """Classes of the classifier head (``head.weight``) stored in a weights file, if any."""
+    if str(path).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
+    head = state.get("head.weight")
+    return int(head.shape[0]) if head is not None else None
+
+
 def policy_label(policy: MergePolicy, trained: bool) -> str:
     """Row name of a policy in sweep tables: its class, marked "(untrained)" for a fresh learnable one."""
     name = type(policy).__name__
@@ -137,6 +150,9 @@ class BaseTask(L.LightningModule):
             if not Path(path).is_file():
                 raise FileNotFoundError(f"checkpoint_path {path!r} does not exist")
             overlay = {"file": str(path), "hf_hub_id": None, "url": None}
+            rows = _head_rows(path)
+            if rows is not None:  # timm keeps the file's head only when its class count matches the model's
+                overlay["num_classes"] = rows
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         if self.hparams.pretrained:
             try:
