@@ -1,7 +1,9 @@
 """Images/s of a timm ViT with NoMerge / ToMe / DTEMHard at several r, side by side in one run.
 
 Usage: python experiments/throughput.py [--model deit_small_patch16_224] [--batch 32] [--r 0 8 13 16]
-Random-init weights (speed does not depend on them); eval mode; warm-up discarded; median of --runs timings.
+Random-init weights (speed does not depend on them); eval mode; warm-up discarded. Configurations are timed
+round-robin (one forward of each per round) so that a change in machine load hits all of them alike; the table
+reports the median over rounds and the share of time spent choosing and applying merges.
 """
 
 from __future__ import annotations
@@ -9,28 +11,33 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import timm
 import torch
 
 from dtem_lightning import DTEMHard, NoMerge, ToMe, apply_policy
 from dtem_lightning.merge import token_counts
+from dtem_lightning.policy import MergePolicy
 
 
-def images_per_second(model: torch.nn.Module, x: torch.Tensor, runs: int, warmup: int) -> float:
-    """Median images/s over ``runs`` timed forwards after ``warmup`` untimed ones."""
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + runs):
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-    return x.shape[0] / statistics.median(times)
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, clock: list[float], device: str) -> Callable:
+    """Wrap ``fn`` so the seconds spent in it accumulate in ``clock[0]``."""
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync(device)
+        clock[0] += time.perf_counter() - t0
+        return out
+
+    return wrapper
 
 
 def main() -> None:
@@ -47,7 +54,7 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype)
     x = torch.randn(args.batch, 3, 224, 224, device=args.device, dtype=dtype)
-    rows = []
+    configs: list[tuple[str, int, torch.nn.Module, MergePolicy, list[float]]] = []
     for cls in (NoMerge, ToMe, DTEMHard):
         torch.manual_seed(0)
         model = timm.create_model(args.model).eval()
@@ -56,24 +63,45 @@ def main() -> None:
         model.to(args.device, dtype), policy.to(args.device, dtype)
         for blk in model.blocks:
             blk.attn.fused_attn = not args.eager
+        merge_clock = [0.0]
+        # Time spent on the metric (embedding GEMM / key average) and the matching + merge itself.
+        policy.merge = timed(policy.merge, merge_clock, args.device)
+        policy.metric = timed(policy.metric, merge_clock, args.device)
         for r in args.r if cls is not NoMerge else [0]:
-            with policy.reduce(r):
-                ips = images_per_second(model, x, args.runs, args.warmup)
-            tokens = token_counts(
-                model.patch_embed.num_patches + model.num_prefix_tokens,
-                model.num_prefix_tokens,
-                [r] * len(model.blocks),
-            )[-1]
-            rows.append((cls.__name__, r, tokens, ips))
+            configs.append((cls.__name__, r, model, policy, merge_clock))
 
-    base = rows[0][3]
+    times: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    merge_share: dict[int, list[float]] = {i: [] for i in range(len(configs))}
+    with torch.inference_mode():
+        for rnd in range(args.warmup + args.runs):
+            for i, (_, r, model, policy, clock) in enumerate(configs):
+                with policy.reduce(r):
+                    clock[0] = 0.0
+                    sync(args.device)
+                    t0 = time.perf_counter()
+                    model(x)
+                    sync(args.device)
+                    dt = time.perf_counter() - t0
+                if rnd >= args.warmup:
+                    times[i].append(dt)
+                    merge_share[i].append(clock[0] / dt)
+
+    n0 = configs[0][2].patch_embed.num_patches + configs[0][2].num_prefix_tokens
+    prefix, depth = configs[0][2].num_prefix_tokens, len(configs[0][2].blocks)
+    base = args.batch / statistics.median(times[0])
     print(
         f"# {args.model}, batch {args.batch}, {args.dtype}, {args.device}, "
-        f"{'eager' if args.eager else 'fused'} attention, threads {torch.get_num_threads()}"
+        f"{'eager' if args.eager else 'fused'} attention, {torch.get_num_threads()} threads, "
+        f"median of {args.runs} round-robin runs after {args.warmup} warm-up"
     )
-    print("| policy | r | tokens | img/s | speed-up vs r=0 |\n|---|---|---|---|---|")
-    for name, r, tokens, ips in rows:
-        print(f"| {name} | {r} | {tokens} | {ips:.1f} | {ips / base:.2f}x |")
+    print(
+        "| policy | r | tokens | img/s | speed-up vs r=0 | merge share of time |\n|---|---|---|---|---|---|"
+    )
+    for i, (name, r, *_rest) in enumerate(configs):
+        ips = args.batch / statistics.median(times[i])
+        tokens = token_counts(n0, prefix, [r] * depth)[-1]
+        share = statistics.median(merge_share[i]) * 100
+        print(f"| {name} | {r} | {tokens} | {ips:.1f} | {ips / base:.2f}x | {share:.1f} % |")
 
 
 if __name__ == "__main__":

@@ -223,3 +223,15 @@ def test_ddp_two_processes_match_one(image_root, tmp_path):
         assert a["policy"] == b["policy"] and a["r"] == b["r"] and a["tokens"] == b["tokens"]
         for k in ("acc1", "acc5", "gflops"):
             assert float(a[k]) == pytest.approx(float(b[k]), abs=1e-6), (k, a, b)
+
+
+def test_fit_resumes_from_checkpoint(image_root, tmp_path):
+    args = debug_args(CONFIGS / "deit_s_modular.yaml", image_root, tmp_path)
+    run(["fit", *args])
+    first = next(tmp_path.rglob("last.ckpt"))
+    assert torch.load(first, weights_only=True)["global_step"] == 2
+    run(["fit", *args, "--trainer.max_epochs=2", f"--ckpt_path={first}"])
+    resumed = sorted(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
+    assert resumed != first  # a new version folder: the first run is not overwritten
+    ckpt = torch.load(resumed, weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1

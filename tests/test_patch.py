@@ -284,3 +284,19 @@ def test_soft_source_map_tracks_sizes():
     torch.testing.assert_close(
         policy.state.source.sum(-1, keepdim=True), policy.state.size, atol=1e-5, rtol=0
     )
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_soft_training(fused):
+    """Under bf16 autocast the soft step and sizes stay float32 and the embeddings still get gradients."""
+    model = tiny_vit()
+    policy = DTEMSoft(r=8)
+    apply_policy(model, policy)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 32, 32))
+    assert policy.state.size.dtype == torch.float32
+    out.float().logsumexp(-1).sum().backward()
+    assert all(e.weight.grad is not None and e.weight.grad.abs().sum() > 0 for e in policy.embed[:3])
