@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class MergePolicy(nn.Module):
         self.depth = 0
         self.num_prefix = 0
         self.schedule: list[int] = []
+        self._checked: set[tuple[int, tuple[int, ...]]] = set()
 
     # ----------------------------------------------------------------- binding
     def bind(self, vit: nn.Module) -> None:
@@ -105,6 +107,24 @@ class MergePolicy(nn.Module):
         if self.trace_source:
             source = torch.eye(N, device=x.device, dtype=x.dtype).expand(B, N, N).clone()
         self.state = MergeState(active=N, source=source, training=training)
+        if self.uses_merging and (N, tuple(self.schedule)) not in self._checked:
+            self._checked.add((N, tuple(self.schedule)))
+            self._warn_if_capped(N)
+
+    def _warn_if_capped(self, num_tokens: int) -> None:
+        """Warn once per (token count, schedule) when some block cannot remove its r tokens."""
+        n, capped = num_tokens, []
+        for layer, r in enumerate(self.schedule):
+            avail = (n - self.num_prefix) // 2
+            if r > avail:
+                capped.append(f"block {layer}: r={r} -> {avail}")
+            n -= min(r, avail)
+        if capped:
+            warnings.warn(
+                f"{type(self).__name__}: r exceeds half the patch tokens left, capped ({'; '.join(capped[:3])}"
+                f"{'; ...' if len(capped) > 3 else ''}); {n} tokens remain",
+                stacklevel=3,
+            )
 
     def size(self, x: Tensor) -> Tensor:
         """[B, N, 1] sizes (ones while nothing merged)."""

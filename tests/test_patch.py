@@ -300,3 +300,16 @@ def test_bf16_autocast_soft_training(fused):
     assert policy.state.size.dtype == torch.float32
     out.float().logsumexp(-1).sum().backward()
     assert all(e.weight.grad is not None and e.weight.grad.abs().sum() > 0 for e in policy.embed[:3])
+
+
+def test_capped_r_warns_once():
+    model = tiny_vit()
+    policy = ToMe(r=20)
+    apply_policy(model, policy)
+    with pytest.warns(UserWarning, match=r"block 2: r=20 -> 12; block 3: r=20 -> 6\); 7 tokens remain"):
+        model(torch.randn(1, 3, 32, 32))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(1, 3, 32, 32))  # same setting: no second warning

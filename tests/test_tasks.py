@@ -93,3 +93,24 @@ def test_imagenet_head_is_dropped_for_other_class_count(tmp_path):
     dst = ClassificationTask(checkpoint_path=str(path), **TINY)  # 10 classes: new head, same blocks
     assert dst.backbone.head.weight.shape[0] == 10
     assert torch.equal(dst.backbone.blocks[0].attn.qkv.weight, src.backbone.blocks[0].attn.qkv.weight)
+
+
+def test_image_size_must_divide_by_patch():
+    with pytest.raises(ValueError, match=r"\(30, 30\) is not divisible by the patch size \(4, 4\)"):
+        ClassificationTask(**{**TINY, "img_size": 30})
+
+
+def test_nan_loss_stops_with_step(tmp_path):
+    import lightning as L
+
+    from dtem_lightning.data import SyntheticDataModule
+
+    class NaNTask(ClassificationTask):
+        def training_loss(self, batch):
+            return super().training_loss(batch) * float("nan")
+
+    task = NaNTask(policy=DTEMSoft(r=4), **TINY)
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(FloatingPointError, match="non-finite training loss nan at global step 0"):
+        trainer.fit(task, SyntheticDataModule(num_samples=16, batch_size=8))

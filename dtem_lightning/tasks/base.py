@@ -115,6 +115,9 @@ class BaseTask(L.LightningModule):
         )
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.backbone = self.create_backbone()
+        patch, img = self.backbone.patch_embed.patch_size, self.backbone.patch_embed.img_size
+        if img is not None and (img[0] % patch[0] or img[1] % patch[1]):
+            raise ValueError(f"image size {tuple(img)} is not divisible by the patch size {tuple(patch)}")
         self.policy = policy if policy is not None else NoMerge()
         apply_policy(self.backbone, self.policy)
         self.test_policies = nn.ModuleList(test_policies or [])
@@ -190,6 +193,10 @@ class BaseTask(L.LightningModule):
         """Loss of one training batch (defaults to :meth:`step`'s)."""
         return self.step(batch)[0]
 
+    def evaluate(self, batch: Any) -> tuple[Any, Any]:
+        """Predictions and targets of one test batch for the sweep's metrics (defaults to :meth:`step`'s)."""
+        return self.step(batch)[1:]
+
     def gmacs(self, input_size: tuple[int, int, int]) -> float:
         """GMACs per image of the current model (backbone and policy; subclasses add their heads)."""
         return flops.gmacs(self.backbone, input_size)
@@ -235,7 +242,8 @@ class BaseTask(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for k, v in self.val_metrics.compute().items():
-            self.log(f"val/{k}", v, prog_bar=True)
+            if v.numel() == 1:  # vector metrics (e.g. per-class IoU) are not logged; subclasses may read them
+                self.log(f"val/{k}", v, prog_bar=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
@@ -245,7 +253,7 @@ class BaseTask(L.LightningModule):
             for i, _, policy, r in self.sweep():
                 use_policy(self.backbone, policy)
                 with policy.reduce(r):
-                    _, preds, target = self.step(batch)
+                    preds, target = self.evaluate(batch)
                 self.test_metrics[f"p{i}_r{r}"].update(preds, target)
         finally:
             use_policy(self.backbone, self.policy)
@@ -253,7 +261,8 @@ class BaseTask(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.sweep_results = []
         for i, label, policy, r in self.sweep():
-            values = {k: float(v) for k, v in self.test_metrics[f"p{i}_r{r}"].compute().items()}
+            computed = self.test_metrics[f"p{i}_r{r}"].compute()
+            values = {k: float(v) for k, v in computed.items() if v.numel() == 1}  # scalar columns only
             self.test_metrics[f"p{i}_r{r}"].reset()
             use_policy(self.backbone, policy)
             with policy.reduce(r):
