@@ -16,7 +16,7 @@ from timm.data.auto_augment import RandAugment
 from torchvision import transforms as T
 
 from dtem_lightning.data import BaseDataModule, ImageFolderDataModule, SyntheticDataModule
-from dtem_lightning.data.base import resolve_backbone_config
+from dtem_lightning.data.base import ResumableSampler, SeededDataset, resolve_backbone_config
 from dtem_lightning.data.folder import to_rgb
 
 CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-subset"
@@ -263,7 +263,7 @@ def test_loader_settings(tmp_path):
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert train.drop_last and len(train) == 2
     assert not val.drop_last and isinstance(val.sampler, torch.utils.data.SequentialSampler)
-    assert isinstance(train.sampler, torch.utils.data.RandomSampler)
+    assert isinstance(train.sampler, ResumableSampler)  # seeded shuffle that can resume mid-epoch
     dm.setup("test")
     assert dm.test_dataset is dm.val_dataset and dm.test_split == "val"
     assert pickle.loads(pickle.dumps(dm.train_dataset))[0][0].shape == (3, 16, 16)
@@ -338,3 +338,37 @@ def test_synthetic_is_deterministic_and_learnable():
             opt.step()
     after = (probe(xv).argmax(1) == yv).float().mean()
     assert after > max(before, 0.6)
+
+
+def test_resumable_sampler_order_and_skip():
+    data = list(range(10))
+    s = ResumableSampler(data, seed=3)
+    first = list(s)
+    assert sorted(i for i, _ in first) == data and first == list(ResumableSampler(data, seed=3))
+    s.set_epoch(1)
+    assert [i for i, _ in s] != [i for i, _ in first]  # a new order every epoch
+    s.set_epoch(0)
+    s.skip_fn = lambda: 4
+    assert list(s) == first[4:]  # a resumed epoch continues where it stopped
+    ranks = [ResumableSampler(data, seed=3) for _ in range(2)]
+    for r, smp in enumerate(ranks):
+        smp.num_replicas, smp.rank = 2, r
+        smp.num_samples, smp.total_size = 5, 10
+    shards = [list(smp) for smp in ranks]
+    assert sorted(shards[0] + shards[1]) == sorted(first)
+
+
+def test_seeded_dataset_is_independent_of_global_rng():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return torch.rand(2) + i
+
+    ds = SeededDataset(Noise())
+    a = ds[(1, 123)]
+    torch.rand(5)  # move the global RNG
+    state = torch.get_rng_state()
+    assert torch.equal(ds[(1, 123)], a) and not torch.equal(ds[(1, 124)], a)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import timm
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -222,6 +225,14 @@ class BaseTask(L.LightningModule):
         )
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        # Randomness of a step (mixup, drop-path) depends on (seed, step, rank) only, so a resumed run
+        # repeats exactly what an uninterrupted one does.
+        step_seed = (
+            int(os.environ.get("PL_GLOBAL_SEED", "0")) * 1_000_003 + self.global_step
+        ) * 97 + self.global_rank
+        torch.manual_seed(step_seed)
+        np.random.seed(step_seed % 2**32)
+        random.seed(step_seed)
         loss = self.training_loss(batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(
