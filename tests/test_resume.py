@@ -1,10 +1,11 @@
-"""Exact resume: a fit killed with SIGKILL mid-epoch and resumed from its last checkpoint ends bit-identical."""
+"""Faults: a fit killed mid-epoch resumes bit-identically; a DDP job whose worker dies exits instead of hanging."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -52,3 +53,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_worker_death_ends_the_job(tmp_path):
+    """Rank 1 is SIGKILLed mid-training: the 2-process CPU job exits non-zero within a bounded time."""
+    t0 = time.monotonic()
+    proc = _fit(tmp_path, ["--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.callbacks+=killer.KillAtStep",
+                           "--trainer.callbacks.step=2", "--trainer.callbacks.rank=1"])  # fmt: skip
+    assert proc.returncode != 0
+    assert time.monotonic() - t0 < 240
+    # Either rank 0's collective fails (a one-line "dtem: error") or Lightning's observer kills it.
+    assert "dtem: error" in proc.stderr or proc.returncode < 0, proc.stderr[-2000:]

@@ -9,11 +9,11 @@ import lightning as L
 
 
 class KillAtStep(L.Callback):
-    """Kill the process when step ``step`` begins, i.e. after step ``step - 1``'s checkpoints were written."""
+    """Kill the process (only rank ``rank`` if given) when step ``step`` begins, after the previous checkpoint."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step >= self.step:
+        if trainer.global_step >= self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGKILL)
