@@ -6,7 +6,7 @@ PYTHON ?= python3
 ACCELERATOR ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-all lint format bench-throughput
+.PHONY: help install test test-slow test-all lint format bench-throughput caption-small camvid-small
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: $(VENV)/.installed ## Create .venv and install the package with its dev
 test: $(VENV)/.installed ## Run the default test suite (under 10 minutes on 2 CPU cores)
 	$(BIN)/pytest -q -m "not slow"
 
+test-slow: $(VENV)/.installed ## Run only the tests marked slow (CI runs them after `make test`)
+	$(BIN)/pytest -q -m slow
+
 test-all: $(VENV)/.installed ## Run every test, the slow ones included
 	$(BIN)/pytest -q
 
@@ -35,3 +38,138 @@ format: $(VENV)/.installed ## Format and autofix with ruff
 
 bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16 for NoMerge, ToMe, DTEMHard
 	$(PY) experiments/throughput.py
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo: CIFAR-10 subset, small committed ViT, modular DTEM, one r-sweep with NoMerge/ToMe/DTEM + control row.
+DTEM := $(BIN)/dtem
+CIFAR10 ?= data/cifar10
+SMALL_WEIGHTS ?= checkpoints/cifar10_vit_small.safetensors
+DEMO_NAME ?= demo
+DEMO_RESULTS ?= results/demo
+DEMO_FIT_ARGS ?=
+DEMO_TEST_ARGS ?=
+DEMO_RUN := runs/$(DEMO_NAME)
+COMPARE := --model.init_args.test_policies+=NoMerge --model.init_args.test_policies+=ToMe \
+	--model.init_args.test_policies+=DTEMHard
+.PHONY: data-cifar10 pretrain-small demo demo-quick
+
+$(DTEM): # the demo installs the venv only when it is missing (a changed pyproject.toml is `make install`'s job)
+	$(MAKE) install
+
+data-cifar10: | $(DTEM) ## CIFAR-10 image folders under data/cifar10 (from ../shared/data, else torchvision)
+	$(PY) experiments/prepare_cifar10.py --out $(CIFAR10)
+
+pretrain-small: data-cifar10 ## Train the demo's small ViT (~25 min on 2 CPU cores) and export it to SMALL_WEIGHTS
+	rm -rf runs/cifar10_vit_pretrain/small
+	$(DTEM) fit -c configs/cifar10_vit_pretrain.yaml --data.init_args.root=$(CIFAR10) \
+		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=small
+	$(PY) experiments/export_backbone.py runs/cifar10_vit_pretrain/small/checkpoints/last.ckpt $(SMALL_WEIGHTS)
+
+demo: data-cifar10 ## The main job: train DTEM on the small ViT, sweep r on test, write results/demo (~10 min)
+	rm -rf $(DEMO_RUN)
+	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
+		--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --trainer.accelerator=$(ACCELERATOR) \
+		--trainer.logger.init_args.name=$(DEMO_NAME) --trainer.logger.init_args.version=fit $(DEMO_FIT_ARGS)
+	$(DTEM) test -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
+		--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --ckpt_path=$(DEMO_RUN)/fit/checkpoints/last.ckpt \
+		$(COMPARE) --trainer.accelerator=$(ACCELERATOR) \
+		--trainer.logger.init_args.name=$(DEMO_NAME) --trainer.logger.init_args.version=test $(DEMO_TEST_ARGS)
+	$(PY) experiments/collect.py $(DEMO_NAME)=$(DEMO_RUN)/test/sweep.csv --out $(DEMO_RESULTS)
+
+demo-quick: ## The demo with few steps and test batches (under 5 min; results in runs/demo-quick/results)
+	$(MAKE) demo DEMO_NAME=demo-quick DEMO_RESULTS=runs/demo-quick/results \
+		DEMO_FIT_ARGS="--trainer.max_steps=10 --trainer.limit_val_batches=2" \
+		DEMO_TEST_ARGS="--trainer.limit_test_batches=4"
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small-scale replication (hours on CPU, minutes on a GPU; not part of CI). RESUME=1 continues interrupted fits.
+P2_WEIGHTS ?= checkpoints/cifar10_vit_p2.safetensors
+REPL_RESULTS ?= results/replicate-small
+RESUME ?=
+RESUME_ARG = $(if $(RESUME),--ckpt_path=last)
+.PHONY: replicate-small headroom-small
+PRECISION ?= 32-true
+
+replicate-small: data-cifar10 ## Headroom check, patch-2 ViT pretraining, DTEM training, test sweep (hours on CPU)
+	$(DTEM) fit -c configs/cifar10_vit_pretrain.yaml -c configs/paper/cifar10_p2_pretrain.yaml \
+		--data.init_args.root=$(CIFAR10) --trainer.accelerator=$(ACCELERATOR) --trainer.precision=$(PRECISION) \
+		--trainer.logger.init_args.version=run $(RESUME_ARG)
+	$(PY) experiments/export_backbone.py runs/replicate_small_pretrain/run/checkpoints/last.ckpt $(P2_WEIGHTS)
+	$(PY) experiments/headroom.py --backbone-kwargs '{"patch_size": 2, "depth": 8}' --checkpoint-path $(P2_WEIGHTS) \
+		--root $(CIFAR10) --split val --r 16 24 28 --out $(REPL_RESULTS)/headroom.md
+	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
+		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \
+		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=run $(RESUME_ARG)
+	$(DTEM) test -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
+		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \
+		--ckpt_path=runs/replicate_small_dtem/run/checkpoints/last.ckpt $(COMPARE) \
+		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=test
+	$(PY) experiments/collect.py replicate-small=runs/replicate_small_dtem/test/sweep.csv --out $(REPL_RESULTS)
+
+headroom-small: data-cifar10 ## Headroom check on the demo's small ViT (val split): do merge choices matter?
+	$(PY) experiments/headroom.py --checkpoint-path $(SMALL_WEIGHTS) --root $(CIFAR10) --split val \
+		--r 4 6 8 10 --out results/demo/headroom.md
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paper scale (ImageNet, GPUs): DTEM Table 1 modular rows, ToMe off-the-shelf sweep, end-to-end DTEM.
+# Example: make table1-deit-s IMAGENET=/data/imagenet DEVICES=8 DEIT_S_WEIGHTS=/w/deit_s.safetensors (GPUs by
+# default: PAPER_ACCELERATOR=gpu; without *_WEIGHTS the timm hub weights are used, which needs network access).
+IMAGENET ?= data/imagenet
+DEVICES ?= 8
+PAPER_ACCELERATOR ?= gpu
+DEIT_S_WEIGHTS ?=
+DEIT_B_WEIGHTS ?=
+MAE_B_WEIGHTS ?=
+MAE_L_WEIGHTS ?=
+PAPER_RESULTS ?= results/paper
+PAPER_TRAINER = --trainer.accelerator=$(PAPER_ACCELERATOR) --trainer.devices=$(DEVICES) \
+	$(if $(filter-out 1,$(DEVICES)),--trainer.strategy=ddp) --data.init_args.root=$(IMAGENET)
+weights = $(if $(1),--model.init_args.checkpoint_path=$(1))
+.PHONY: table1 table1-deit-s table1-deit-b table1-mae-b table1-mae-l tome-offshelf e2e-deit-s
+
+# $(call modular,NAME,CONFIGS,WEIGHTS,SETTING): fit the embedding, sweep test_r with the comparison rows, collect.
+define modular
+	$(DTEM) fit $(2) $(PAPER_TRAINER) $(call weights,$(3)) --trainer.logger.init_args.name=$(1) \
+		--trainer.logger.init_args.version=fit $(RESUME_ARG)
+	$(DTEM) test $(2) $(PAPER_TRAINER) $(call weights,$(3)) --ckpt_path=runs/$(1)/fit/checkpoints/last.ckpt \
+		$(COMPARE) --trainer.logger.init_args.name=$(1) --trainer.logger.init_args.version=test
+	$(PY) experiments/collect.py $(1)=runs/$(1)/test/sweep.csv --out $(PAPER_RESULTS)/$(1) $(4)
+endef
+
+table1-deit-s: ## Table 1 DeiT-S modular: DTEM r=16 embedding, NoMerge/ToMe/DTEM rows at r 0/8/11/12/13/16
+	$(call modular,table1_deit_s,-c configs/deit_s_modular.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet)
+
+table1-deit-b: ## Table 1 DeiT-B modular
+	$(call modular,table1_deit_b,-c configs/deit_s_modular.yaml -c configs/paper/deit_b.yaml,$(DEIT_B_WEIGHTS))
+
+table1-mae-b: ## Table 1 MAE ViT-B modular (MAE fine-tuned weights via MAE_B_WEIGHTS)
+	$(call modular,table1_mae_b,-c configs/deit_s_modular.yaml -c configs/paper/mae_vit_b.yaml,$(MAE_B_WEIGHTS))
+
+table1-mae-l: ## Table 1 MAE ViT-L modular (MAE fine-tuned weights via MAE_L_WEIGHTS)
+	$(call modular,table1_mae_l,-c configs/deit_s_modular.yaml -c configs/paper/mae_vit_l.yaml,$(MAE_L_WEIGHTS))
+
+table1: table1-deit-s table1-deit-b table1-mae-b table1-mae-l ## All Table 1 modular rows
+
+tome-offshelf: ## ToMe off-the-shelf r-sweep on DeiT-S (test only; NoMerge and ToMe rows)
+	$(DTEM) test -c configs/deit_s_tome_offshelf.yaml $(PAPER_TRAINER) $(call weights,$(DEIT_S_WEIGHTS)) \
+		--trainer.logger.init_args.name=tome_offshelf --trainer.logger.init_args.version=test
+	$(PY) experiments/collect.py tome-offshelf=runs/tome_offshelf/test/sweep.csv \
+		--out $(PAPER_RESULTS)/tome_offshelf --setting deit_s_imagenet
+
+e2e-deit-s: ## End-to-end DTEM on DeiT-S (appendix Table 14 style, 100 epochs)
+	$(call modular,e2e_deit_s,-c configs/deit_s_e2e.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet)
+
+CAMVID_RUN := runs/camvid_small/make
+CAMVID_ARGS := -c configs/camvid_small.yaml --trainer.logger.init_args.version=make
+
+camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~15 min, 2 CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make
+	$(BIN)/dtem fit $(CAMVID_ARGS)
+	$(BIN)/dtem test $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt
+	$(BIN)/dtem predict $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt --trainer.limit_predict_batches=2
+
+CAPTION_RUN := runs/flickr8k_small/make
+CAPTION_ARGS := -c configs/flickr8k_small.yaml --trainer.logger.init_args.version=make
+
+caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (2 CPU cores), r-sweep in runs/flickr8k_small/make
+	$(BIN)/dtem fit $(CAPTION_ARGS)
+	$(BIN)/dtem test $(CAPTION_ARGS) --ckpt_path=$(CAPTION_RUN)/checkpoints/last.ckpt

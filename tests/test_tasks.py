@@ -114,3 +114,50 @@ def test_nan_loss_stops_with_step(tmp_path):
                         default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(FloatingPointError, match="non-finite training loss nan at global step 0"):
         trainer.fit(task, SyntheticDataModule(num_samples=16, batch_size=8))
+
+
+class _Custom:  # a pickled object that weights_only loading refuses
+    pass
+
+
+def test_pickled_checkpoint_refused_unless_trusted(tmp_path):
+    src = ClassificationTask(**TINY)
+    path = tmp_path / "unsafe.pth"
+    torch.save({"state_dict": src.backbone.state_dict(), "extra": _Custom()}, path)
+    with pytest.raises(ValueError, match="refusing to load .*unsafe.pth.*trust_checkpoint=true"):
+        ClassificationTask(checkpoint_path=str(path), **TINY)
+    dst = ClassificationTask(checkpoint_path=str(path), trust_checkpoint=True, **TINY)
+    assert torch.equal(dst.backbone.head.weight, src.backbone.head.weight)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.slow
+def test_repeated_sweeps_are_deterministic_and_do_not_grow_memory(tmp_path):
+    import gc
+
+    import lightning as L
+
+    from dtem_lightning.data import SyntheticDataModule
+
+    def sweep() -> list[dict]:
+        L.seed_everything(7, verbose=False)
+        task = ClassificationTask(
+            policy=DTEMSoft(r=4), test_r=[0, 4, 8], test_policies=[ToMe(), DTEMHard()], **TINY
+        )
+        trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+        trainer.test(task, SyntheticDataModule(num_samples=32, batch_size=8), verbose=False)
+        return task.sweep_results
+
+    first = sweep()
+    assert len(first) == 9 and first == sweep()  # same seed, same numbers
+    gc.collect()
+    base = _rss_mb()
+    for _ in range(10):
+        sweep()
+    gc.collect()
+    assert _rss_mb() <= base * 1.05, (base, _rss_mb())

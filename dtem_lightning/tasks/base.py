@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import random
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +70,17 @@ def _head_rows(path: str | Path) -> int | None:
     return int(head.shape[0]) if head is not None else None
 
 
+def _weights_only_copy(path: str | Path) -> Path:
+    """Re-save a trusted pickled checkpoint's tensors to a temporary file that loads with weights_only=True."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict):
+        state = state.get("state_dict", state.get("model", state))
+    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+    out = Path(tempfile.mkdtemp(prefix="dtem_weights_")) / Path(path).with_suffix(".pth").name
+    torch.save(tensors, out)
+    return out
+
+
 def policy_label(policy: MergePolicy, trained: bool) -> str:
     """Row name of a policy in sweep tables: its class, marked "(untrained)" for a fresh learnable one."""
     name = type(policy).__name__
@@ -92,6 +105,8 @@ class BaseTask(L.LightningModule):
         test_r: reduction rates evaluated by the test loop, each with its own metrics.
         test_policies: further policies evaluated in the same test pass (e.g. NoMerge, ToMe, an untrained
             DTEMHard control row); each is bound to the same backbone.
+        trust_checkpoint: allow a ``checkpoint_path`` file that needs arbitrary pickled code to load (only
+            for files you trust); by default such a file is refused.
     """
 
     def __init__(
@@ -108,6 +123,7 @@ class BaseTask(L.LightningModule):
         no_weight_decay_1d: bool = True,
         test_r: list[int] | None = None,
         test_policies: list[MergePolicy] | None = None,
+        trust_checkpoint: bool = False,
     ) -> None:
         super().__init__()
         # Under LightningCLI the hyper-parameters are the config (class paths for components); from Python,
@@ -155,8 +171,17 @@ class BaseTask(L.LightningModule):
         if path is not None:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"checkpoint_path {path!r} does not exist")
+            try:
+                rows = _head_rows(path)
+            except pickle.UnpicklingError as e:
+                if not self.hparams.trust_checkpoint:
+                    raise ValueError(
+                        f"refusing to load {path}: it needs arbitrary pickled code, not just tensors. If you trust "
+                        "the file, set --model.init_args.trust_checkpoint=true (or re-save it as safetensors)"
+                    ) from e
+                path = _weights_only_copy(path)
+                rows = _head_rows(path)
             overlay = {"file": str(path), "hf_hub_id": None, "url": None}
-            rows = _head_rows(path)
             if rows is not None:  # timm keeps the file's head only when its class count matches the model's
                 overlay["num_classes"] = rows
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
