@@ -26,7 +26,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 # Hyper-parameters that are link targets: they always come from the data module, never from a checkpoint.
-_LINK_TARGETS = ("img_size", "num_classes")
+_LINK_TARGETS = ("img_size", "num_classes", "vocab_size")
 
 
 class _Parser(LightningArgumentParser):
@@ -56,7 +56,10 @@ class DTEMCLI(LightningCLI):
         parser.add_lightning_class_args(FlopsLogger, "flops")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
+        # jsonargparse skips an instantiation link whose source attribute the data module lacks (caption data
+        # has no num_classes, class folders no vocab_size), so each task gets only its own.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         raw = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
@@ -110,5 +113,13 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError, KeyError) as e:
         if os.environ.get("DTEM_DEBUG"):
             raise
-        print(f"dtem: error: {type(e).__name__}: {e} (set DTEM_DEBUG=1 for the traceback)", file=sys.stderr)
+        root = _root_cause(e)
+        print(f"dtem: error: {type(root).__name__}: {root} (set DTEM_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost exception: jsonargparse wraps a component's own error in "Does not validate ..." text."""
+    while "Does not validate against" in str(e) and isinstance(inner := e.__cause__ or e.__context__, Exception):
+        e = inner
+    return e
