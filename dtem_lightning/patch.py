@@ -121,6 +121,13 @@ def use_policy(vit: nn.Module, policy: MergePolicy) -> None:
     object.__setattr__(vit, "_merge_policy", policy)
 
 
+def active_policy(vit: nn.Module) -> MergePolicy:
+    """The policy a patched ViT merges with right now (sweeps switch it with :func:`use_policy`)."""
+    if not isinstance(vit, MergeVisionTransformer):
+        raise RuntimeError("active_policy needs a model patched by apply_policy()")
+    return vit._merge_policy
+
+
 def num_tokens(vit: nn.Module, img_size: tuple[int, int] | None = None) -> int:
     """Tokens entering block 0 (prefix included) for an input of ``img_size`` (default: the model's)."""
     grid = vit.patch_embed.dynamic_feat_size(img_size) if img_size else vit.patch_embed.grid_size

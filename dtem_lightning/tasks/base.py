@@ -165,7 +165,7 @@ class BaseTask(L.LightningModule):
     def create_backbone(self) -> nn.Module:
         """Create the timm model, from the hub or a local weights file; nothing downloads unless asked."""
         name, kwargs = self.hparams.backbone, self.backbone_create_kwargs()
-        if name not in timm.list_models():
+        if not timm.is_model(name):
             raise ValueError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())")
         path = self.hparams.checkpoint_path
         if path is not None:
