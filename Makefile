@@ -108,7 +108,7 @@ replicate-small: data-cifar10 ## Headroom check, patch-2 ViT pretraining, DTEM t
 
 headroom-small: data-cifar10 ## Headroom check on the demo's small ViT (val split): do merge choices matter?
 	$(PY) experiments/headroom.py --checkpoint-path $(SMALL_WEIGHTS) --root $(CIFAR10) --split val \
-		--r 4 6 8 10 --out results/demo/headroom.md
+		--r 8 10 --max-per-class 100 --out results/demo/headroom.md
 
 # ----------------------------------------------------------------------------------------------------------------
 # Paper scale (ImageNet, GPUs): DTEM Table 1 modular rows, ToMe off-the-shelf sweep, end-to-end DTEM.

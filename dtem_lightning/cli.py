@@ -114,12 +114,17 @@ def main(args: list[str] | None = None) -> None:
         if os.environ.get("DTEM_DEBUG"):
             raise
         root = _root_cause(e)
-        print(f"dtem: error: {type(root).__name__}: {root} (set DTEM_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"dtem: error: {type(root).__name__}: {root} (set DTEM_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
 def _root_cause(e: BaseException) -> BaseException:
     """The innermost exception: jsonargparse wraps a component's own error in "Does not validate ..." text."""
-    while "Does not validate against" in str(e) and isinstance(inner := e.__cause__ or e.__context__, Exception):
+    while "Does not validate against" in str(e) and isinstance(
+        inner := e.__cause__ or e.__context__, Exception
+    ):
         e = inner
     return e

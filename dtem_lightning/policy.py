@@ -112,17 +112,18 @@ class MergePolicy(nn.Module):
             self._warn_if_capped(N)
 
     def _warn_if_capped(self, num_tokens: int) -> None:
-        """Warn once per (token count, schedule) when some block cannot remove its r tokens."""
-        n, capped = num_tokens, []
-        for layer, r in enumerate(self.schedule):
-            avail = (n - self.num_prefix) // 2
-            if r > avail:
-                capped.append(f"block {layer}: r={r} -> {avail}")
-            n -= min(r, avail)
-        if capped:
+        """Warn once per (token count, schedule) when r exceeds what even the unmerged input allows.
+
+        Capping in late blocks is the normal ToMe rule (DeiT-S at r = 16 keeps 10 in block 11 and ends with 11
+        tokens) and stays silent; an r above half the input's patch tokens is most likely a mistake.
+        """
+        limit = (num_tokens - self.num_prefix) // 2
+        too_big = sorted({r for r in self.schedule if r > limit})
+        if too_big:
+            final = M.token_counts(num_tokens, self.num_prefix, self.schedule)[-1]
             warnings.warn(
-                f"{type(self).__name__}: r exceeds half the patch tokens left, capped ({'; '.join(capped[:3])}"
-                f"{'; ...' if len(capped) > 3 else ''}); {n} tokens remain",
+                f"{type(self).__name__}: r={too_big} exceeds half of the {num_tokens - self.num_prefix} patch "
+                f"tokens; merging is capped per block at half the patch tokens left ({final} tokens remain)",
                 stacklevel=3,
             )
 

@@ -16,7 +16,16 @@ from dtem_lightning.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-subset" / "cifar10_train2000pc_test500pc.zip"
+CAMVID = ROOT.parent / "shared" / "data" / "camvid-segnet-halfres" / "camvid_240x180.zip"
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "flickr8k_1k.zip"
+# Caption configs: config stem -> data layout of their data root ("flickr": captions.txt + images/; "karpathy").
+CAPTION_LAYOUTS = {"flickr8k_small": "flickr", "git_b_coco_dtem": "karpathy"}
 EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("debug.yaml", "trainer.yaml"))
+# Segmentation configs: config stem -> data layout ({split folder: label folder}) of their data root.
+SEG_LAYOUTS = {
+    "camvid_small": {s: f"{s}annot" for s in ("train", "val", "test")},
+    "segmenter_s_ade20k_dtem": {f"images/{s}": f"annotations/{s}" for s in ("training", "validation")},
+}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +44,65 @@ def image_root(tmp_path_factory) -> str:
                 arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
                 Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def seg_roots(tmp_path_factory) -> dict[str, str]:
+    """Config stem -> data root: the CamVid zip when present, else small generated trees in each layout."""
+    from PIL import Image
+
+    roots = {}
+    g = torch.Generator().manual_seed(0)
+    for stem, layout in SEG_LAYOUTS.items():
+        if stem == "camvid_small" and CAMVID.exists():
+            roots[stem] = str(CAMVID)
+            continue
+        root = tmp_path_factory.mktemp(stem)
+        for img_dir, label_dir in layout.items():
+            (root / img_dir).mkdir(parents=True)
+            (root / label_dir).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(
+                    root / img_dir / f"{i}.jpg"
+                )
+                Image.fromarray(torch.randint(0, 12, (40, 48), generator=g).byte().numpy()).save(
+                    root / label_dir / f"{i}.png"
+                )
+        roots[stem] = str(root)
+    return roots
+
+
+@pytest.fixture(scope="module")
+def caption_roots(tmp_path_factory) -> dict[str, str]:
+    """Config stem -> data root: the Flickr8k-1k zip when present, else small generated caption sets."""
+    import json
+
+    from PIL import Image
+
+    roots, words = {}, "a dog cat man runs sits on the grass red ball".split()
+    g = torch.Generator().manual_seed(0)
+    for stem, layout in CAPTION_LAYOUTS.items():
+        if layout == "flickr" and FLICKR.exists():
+            roots[stem] = str(FLICKR)
+            continue
+        root = tmp_path_factory.mktemp(stem)
+        (root / "images").mkdir()
+        rows, images = [], []
+        for i in range(20):
+            Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(
+                root / "images" / f"{i}.jpg"
+            )
+            caps = [
+                " ".join(words[j] for j in torch.randint(0, len(words), (6,), generator=g)) for _ in range(2)
+            ]
+            rows += [f"{i}.jpg,{c} ." for c in caps]
+            split = "train" if i < 12 else "val" if i < 16 else "test"
+            images.append({"filepath": "images", "filename": f"{i}.jpg", "split": split,
+                           "sentences": [{"raw": c} for c in caps]})  # fmt: skip
+        (root / "captions.txt").write_text("image,caption\n" + "\n".join(rows) + "\n")
+        (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+        roots[stem] = str(root)
+    return roots
 
 
 def run(args: list[str]) -> None:
@@ -57,14 +125,20 @@ def read_sweep(out: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("cfg", EXPERIMENTS, ids=lambda p: p.stem)
-def test_every_config_fits_and_tests(cfg, image_root, tmp_path):
-    args = debug_args(cfg, image_root, tmp_path)
+def test_every_config_fits_and_tests(cfg, image_root, seg_roots, caption_roots, tmp_path):
+    args = debug_args(cfg, {**seg_roots, **caption_roots}.get(cfg.stem, image_root), tmp_path)
+    if cfg.stem in CAPTION_LAYOUTS:
+        args += ["--model.init_args.use_meteor=false", "--data.init_args.min_freq=1",  # no Java in this test
+                 "--model.init_args.decoder_width=32", "--model.init_args.decoder_depth=1",
+                 "--model.init_args.decoder_heads=2", "--model.init_args.max_len=6"]  # fmt: skip
     run(["fit", *args])
     ckpts = list(tmp_path.rglob("last.ckpt"))
     assert ckpts, "fit wrote no last.ckpt"
     run(["test", *args, f"--ckpt_path={ckpts[0]}"])
     rows = read_sweep(tmp_path)
-    assert list(rows[0])[:6] == ["policy", "r", "gflops", "tokens", "acc1", "acc5"]
+    metrics = ["miou", "pixel_acc"] if cfg.stem in SEG_LAYOUTS else ["acc1", "acc5"]
+    metrics = ["bleu1", "bleu2"] if cfg.stem in CAPTION_LAYOUTS else metrics
+    assert list(rows[0])[:6] == ["policy", "r", "gflops", "tokens", *metrics]
     main_rows = [r for r in rows if r["policy"] == rows[0]["policy"]]
     assert [int(r["r"]) for r in main_rows] == [0, 2, 4] or rows[0]["policy"] == "NoMerge"
     assert (tmp_path / "debug").exists()

@@ -1,6 +1,8 @@
 """Lightning tasks: the base class and one subclass per task family."""
 
 from dtem_lightning.tasks.base import BaseTask, CosineLR
+from dtem_lightning.tasks.captioning import CaptioningTask
 from dtem_lightning.tasks.classification import ClassificationTask
+from dtem_lightning.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "ClassificationTask", "CosineLR"]
+__all__ = ["BaseTask", "CaptioningTask", "ClassificationTask", "CosineLR", "SegmentationTask"]

@@ -1,0 +1,261 @@
+"""Caption data: COCO / Karpathy-split JSON and Flickr8k ``captions.txt``; vocabulary from the train captions."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import os
+import posixpath
+import zipfile
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
+from dtem_lightning.data.folder import ImageTree
+from dtem_lightning.text import Vocabulary
+
+Sample = tuple[str, list[str]]  # (image name for ImageTree.load, reference captions)
+SPLITS = ("train", "val", "test")
+
+
+def collate_captions(batch: list[tuple[Tensor, list[str]]]) -> tuple[Tensor, list[list[str]]]:
+    """Stack images [B, 3, H, W]; keep the captions as one list of strings per image."""
+    return torch.stack([img for img, _ in batch]), [list(caps) for _, caps in batch]
+
+
+class CaptionDataset(Dataset):
+    """(image tensor, reference captions) pairs read through an :class:`ImageTree`.
+
+    Args:
+        tree: where the images live (folder or zip archive).
+        samples: (image name, captions) pairs.
+        transform: PIL image -> tensor [C, H, W].
+    """
+
+    def __init__(
+        self, tree: ImageTree, samples: list[Sample], transform: Callable[[Image.Image], Tensor]
+    ) -> None:
+        self.tree, self.samples, self.transform = tree, samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, list[str]]:
+        name, captions = self.samples[index]
+        try:
+            img = self.tree.load(name)
+        except Exception as err:  # PIL and zipfile raise many types
+            raise ValueError(f"cannot read image {self.tree.display(name)}: {err!r}") from err
+        return self.transform(img), captions
+
+
+def split_by_name(samples: list[Sample], fractions: tuple[float, float]) -> dict[str, list[Sample]]:
+    """Deterministic train/val/test split by sorted image name: the first ``fractions[0]`` train, the next val."""
+    samples = sorted(samples)
+    n_train = int(len(samples) * fractions[0])
+    n_val = int(len(samples) * fractions[1])
+    return {
+        "train": samples[:n_train],
+        "val": samples[n_train : n_train + n_val],
+        "test": samples[n_train + n_val :],
+    }
+
+
+class CaptionDataModule(BaseDataModule):
+    """Base of the caption data modules: splits, vocabulary, transforms, batches ``(images, captions)``.
+
+    Subclasses implement :meth:`read_splits`. Annotations are read at construction, so the vocabulary (built
+    from the train captions) and ``vocab_size`` exist before ``setup``, for the CLI link to the task.
+    Batches are ``(images [B, 3, H, W], captions)`` with every reference caption of each image.
+
+    Args:
+        root: data location (folder or zip archive; see the subclass).
+        min_freq: words seen fewer times in the train captions map to ``<unk>``.
+        split: (train, val) fractions of the deterministic split by sorted image name, used when the data
+            has no split of its own (the rest is test).
+        train_transform: ``simple`` (crop/resize + flip), ``deit`` or ``eval`` (no augmentation).
+        max_per_class: keep at most this many images per split, evenly spaced in name order (quick runs; the
+            name matches :class:`ImageFolderDataModule` so ``configs/debug.yaml`` fits every task).
+        batch_size: see ``BaseDataModule``.
+        num_workers: see ``BaseDataModule``.
+        backbone: see ``BaseDataModule``.
+        img_size: see ``BaseDataModule``.
+        crop_pct: see ``BaseDataModule``.
+        pin_memory: see ``BaseDataModule``.
+    """
+
+    collate_fn = staticmethod(collate_captions)
+
+    def __init__(
+        self,
+        root: str,
+        min_freq: int = 5,
+        split: tuple[float, float] = (0.8, 0.1),
+        train_transform: str = "simple",
+        max_per_class: int | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        backbone: str = "vit_tiny_patch16_224",
+        img_size: int | None = None,
+        crop_pct: float | None = None,
+        pin_memory: bool | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, backbone, img_size, crop_pct, pin_memory)
+        if train_transform not in (*TRAIN_TRANSFORMS, "eval"):
+            raise ValueError(
+                f"train_transform must be one of {(*TRAIN_TRANSFORMS, 'eval')}, got {train_transform!r}"
+            )
+        if max_per_class is not None and max_per_class < 1:
+            raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
+        if not (0 < split[0] and 0 <= split[1] and split[0] + split[1] < 1):
+            raise ValueError(f"split fractions must be positive and sum below 1, got {split}")
+        self.root, self.min_freq, self.split = root, min_freq, tuple(split)
+        self.train_transform, self.max_per_class = train_transform, max_per_class
+        self.tree = ImageTree(root)
+        splits = self.read_splits()
+        for name in SPLITS:
+            if name not in splits and name != "test":
+                raise ValueError(f"{type(self).__name__} found no {name} split in {root}")
+        splits.setdefault("test", splits["val"])
+        self.samples = {k: self._limit(v) for k, v in splits.items()}
+        for name, samples in self.samples.items():
+            if not samples:
+                raise ValueError(f"the {name} split of {root} is empty")
+        self.vocab = Vocabulary.build((c for _, caps in splits["train"] for c in caps), min_freq)
+        self.vocab_size = len(self.vocab)
+
+    def read_splits(self) -> dict[str, list[Sample]]:
+        """(image name, captions) per split name (``train``, ``val`` and optionally ``test``)."""
+        raise NotImplementedError
+
+    def _limit(self, samples: list[Sample]) -> list[Sample]:
+        k = self.max_per_class
+        if k is None or len(samples) <= k:
+            return samples
+        return [samples[i * len(samples) // k] for i in range(k)]
+
+    def read_text(self, name: str) -> str:
+        """A text file under ``root`` (a member name for zip roots); ``.gz`` files are decompressed."""
+        if self.tree.is_zip:
+            with zipfile.ZipFile(self.root) as zf:
+                data = zf.read(name)
+        else:
+            with open(os.path.join(self.root, name), "rb") as f:
+                data = f.read()
+        if name.endswith(".gz"):
+            data = gzip.decompress(data)
+        return data.decode("utf-8")
+
+    def image_name(self, *parts: str) -> str:
+        """Name of an image for ``ImageTree.load`` from path parts relative to ``root``."""
+        rel = posixpath.join(*[p for p in parts if p])
+        return rel if self.tree.is_zip else os.path.join(self.root, rel)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of the splits ``stage`` needs (all when None)."""
+        if stage in (None, "fit"):
+            self.train_dataset = CaptionDataset(
+                self.tree, self.samples["train"], self.transform(self.train_transform)
+            )
+        if stage in (None, "fit", "validate"):
+            self.val_dataset = CaptionDataset(self.tree, self.samples["val"], self.transform("eval"))
+        if stage in (None, "test", "predict"):
+            self.test_dataset = CaptionDataset(self.tree, self.samples["test"], self.transform("eval"))
+
+
+class Flickr8kDataModule(CaptionDataModule):
+    """Flickr8k in the Kaggle layout: ``captions.txt`` (CSV ``image,caption``) beside an ``images``/``Images`` folder.
+
+    ``root`` is that folder or a zip archive holding it (at any depth, e.g. ``data/captions.txt`` and
+    ``data/images/``). The data has no split: it is split deterministically by sorted file name (``split``;
+    800/100/100 for 1,000 images). See :class:`CaptionDataModule` for the arguments.
+    """
+
+    def read_splits(self) -> dict[str, list[Sample]]:
+        if self.tree.is_zip:
+            with zipfile.ZipFile(self.root) as zf:
+                members = zf.namelist()
+        else:
+            members = [
+                os.path.relpath(os.path.join(d, f), self.root) for d, _, fs in os.walk(self.root) for f in fs
+            ]
+        found = sorted((m for m in members if posixpath.basename(m) == "captions.txt"), key=len)
+        if not found:
+            raise FileNotFoundError(f"no captions.txt in {self.root}")
+        base = posixpath.dirname(found[0])
+        folders = {posixpath.normpath(posixpath.dirname(m)) for m in members}
+        image_dir = next((d for d in ("images", "Images") if posixpath.join(base, d) in folders), None)
+        if image_dir is None:
+            raise FileNotFoundError(f"no images/ or Images/ folder beside {found[0]} in {self.root}")
+        caps: dict[str, list[str]] = defaultdict(list)
+        for row in csv.DictReader(io.StringIO(self.read_text(found[0]))):
+            caps[row["image"]].append(row["caption"].strip())
+        samples = [(self.image_name(base, image_dir, k), v) for k, v in caps.items()]
+        return split_by_name(samples, self.split)
+
+
+class CocoCaptionDataModule(CaptionDataModule):
+    """COCO-format caption JSON (``images`` + ``annotations``) or the Karpathy split JSON, over image folders.
+
+    Karpathy JSON (``dataset_coco.json``: ``images[*].filepath/filename/split/sentences``): its train + restval,
+    val and test splits; images at ``root/<filepath>/<filename>``. COCO JSON (``captions_train2017.json``):
+    ``ann_file`` gives train, ``val_ann_file`` val and test; images at ``root/<image_dir>/<file_name>``.
+    Without ``val_ann_file`` the images of ``ann_file`` are split by sorted file name (``split``).
+    Files may be gzipped (``.json.gz``); paths are relative to ``root``.
+
+    Args:
+        ann_file: Karpathy JSON, or COCO JSON of the train images.
+        val_ann_file: COCO JSON of the val/test images (ignored for Karpathy JSON).
+        image_dir: image folder of ``ann_file`` (COCO JSON), e.g. ``train2017``.
+        val_image_dir: image folder of ``val_ann_file``, e.g. ``val2017``.
+        **kwargs: see :class:`CaptionDataModule` (``root`` included).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        ann_file: str = "annotations/captions_train2017.json",
+        val_ann_file: str | None = "annotations/captions_val2017.json",
+        image_dir: str = "train2017",
+        val_image_dir: str = "val2017",
+        **kwargs: Any,
+    ) -> None:
+        self.ann_file, self.val_ann_file = ann_file, val_ann_file
+        self.image_dir, self.val_image_dir = image_dir, val_image_dir
+        super().__init__(root, **kwargs)
+
+    def _load(self, name: str) -> dict[str, Any]:
+        try:
+            return json.loads(self.read_text(name))
+        except (FileNotFoundError, KeyError) as err:
+            raise FileNotFoundError(f"caption file {name} not found under {self.root}") from err
+
+    def read_splits(self) -> dict[str, list[Sample]]:
+        data = self._load(self.ann_file)
+        if data.get("images") and "sentences" in data["images"][0]:  # Karpathy split JSON
+            out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+            for im in data["images"]:
+                split = "train" if im["split"] == "restval" else im["split"]
+                caps = [s.get("raw") or " ".join(s["tokens"]) for s in im["sentences"]]
+                out[split].append((self.image_name(im.get("filepath", ""), im["filename"]), caps))
+            return {k: sorted(v) for k, v in out.items() if v}
+        train = self._coco(data, self.image_dir)
+        if self.val_ann_file is None:
+            return split_by_name(train, self.split)
+        val = self._coco(self._load(self.val_ann_file), self.val_image_dir)
+        return {"train": train, "val": val, "test": val}
+
+    def _coco(self, data: dict[str, Any], image_dir: str) -> list[Sample]:
+        caps: dict[int, list[str]] = defaultdict(list)
+        for a in data["annotations"]:
+            caps[a["image_id"]].append(a["caption"].strip())
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        return sorted((self.image_name(image_dir, files[i]), c) for i, c in caps.items() if i in files)

@@ -1,0 +1,378 @@
+"""CaptioningTask: GIT-style captioner (merging ViT encoder, one transformer over visual and text tokens)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+
+from dtem_lightning import flops
+from dtem_lightning.merge import SIZE_EPS
+from dtem_lightning.patch import active_policy
+from dtem_lightning.tasks.base import BaseTask
+from dtem_lightning.text import CaptionMetrics, Vocabulary
+
+
+def git_attention_mask(num_visual: int, num_text: int, size: Tensor | None = None) -> Tensor:
+    """GIT's attention mask over [visual; text] with the proportional-attention bias on visual key columns.
+
+    Visual queries see every visual key and no text key; text query t sees every visual key and text keys
+    0..t (causal). Allowed entries are 0 (or log(size + eps) on visual columns), forbidden ones -inf.
+
+    Args:
+        num_visual: visual tokens n.
+        num_text: text tokens T.
+        size: [B, n, 1] token sizes of the merged visual tokens, or None (all 1: no bias).
+
+    Returns:
+        float32 mask [B or 1, 1, n + T, n + T], added to the attention logits.
+    """
+    L = num_visual + num_text
+    device = size.device if size is not None else None
+    allowed = torch.zeros(L, L, dtype=torch.bool, device=device)
+    allowed[:, :num_visual] = True
+    allowed[num_visual:, num_visual:] = torch.ones(num_text, num_text, dtype=torch.bool, device=device).tril()
+    mask = torch.zeros(L, L, device=device).masked_fill(~allowed, float("-inf"))[None, None]
+    if size is None:
+        return mask
+    bias = torch.zeros(size.shape[0], 1, 1, L, device=device)
+    bias[..., :num_visual] = torch.log(size.float()[:, None, None, :, 0] + SIZE_EPS)
+    return mask + bias
+
+
+class CaptionDecoder(nn.Module):
+    """GIT's text decoder: one pre-norm transformer over [projected visual tokens; embedded caption tokens].
+
+    Args:
+        vocab_size: output classes (words and special tokens).
+        visual_dim: width of the encoder's tokens.
+        width: transformer width.
+        depth: transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / width.
+        max_len: longest text sequence (BOS + words).
+        dropout: dropout on embeddings, attention and MLP outputs.
+        tie_embeddings: share the word embedding with the output projection.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        visual_dim: int,
+        width: int = 768,
+        depth: int = 6,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        max_len: int = 40,
+        dropout: float = 0.1,
+        tie_embeddings: bool = True,
+    ) -> None:
+        super().__init__()
+        self.visual_proj = nn.Sequential(nn.Linear(visual_dim, width), nn.LayerNorm(width))
+        self.word_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, width))
+        self.embed_norm = nn.LayerNorm(width)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab_size)
+        self.tie_embeddings = tie_embeddings
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.word_embed.weight, std=0.02)
+        if tie_embeddings:
+            self.head.weight = self.word_embed.weight
+        self.max_len = max_len
+
+    def resize_vocab(self, vocab_size: int) -> None:
+        """New (re-initialised) word embedding and output layer for ``vocab_size`` tokens."""
+        p = self.head.weight
+        self.word_embed = nn.Embedding(vocab_size, p.shape[1], device=p.device, dtype=p.dtype)
+        nn.init.normal_(self.word_embed.weight, std=0.02)
+        self.head = nn.Linear(p.shape[1], vocab_size, device=p.device, dtype=p.dtype)
+        if self.tie_embeddings:
+            self.head.weight = self.word_embed.weight
+
+    def forward(self, visual: Tensor, size: Tensor | None, tokens: Tensor) -> Tensor:
+        """Next-token logits.
+
+        Args:
+            visual: [B, n, C_enc] encoder tokens.
+            size: [B, n, 1] their sizes, or None (all 1).
+            tokens: [B, T] input ids (BOS first), T <= max_len.
+
+        Returns:
+            logits [B, T, V] at the text positions.
+        """
+        n, T = visual.shape[1], tokens.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"text of {T} tokens exceeds the decoder's max_len={self.max_len}")
+        v = self.visual_proj(visual)
+        t = self.embed_norm(self.word_embed(tokens) + self.pos_embed[:, :T])
+        x = self.drop(torch.cat([v, t.to(v.dtype)], dim=1))
+        mask = git_attention_mask(n, T, size).to(device=x.device, dtype=x.dtype)
+        for blk in self.blocks:
+            x = blk(x, attn_mask=mask)
+        return self.head(self.norm(x[:, n:]))
+
+
+class _FlopsProbe(nn.Module):
+    """Encoder + decoder on one image and a fixed-length caption, for :func:`dtem_lightning.flops.gmacs`."""
+
+    def __init__(self, task: CaptioningTask, text_len: int) -> None:
+        super().__init__()
+        self.task, self.text_len = task, text_len
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = torch.full((x.shape[0], self.text_len), self.task.vocab.bos, device=x.device)
+        visual, size = self.task.encode(x)
+        return self.task.decoder(visual, size, tokens)
+
+
+class CaptioningTask(BaseTask):
+    """GIT-style image captioning whose ViT encoder merges tokens (DTEM paper, Table 4).
+
+    The encoder's output tokens (prefix tokens included, merged, with their sizes) are projected and
+    concatenated with the caption tokens into one transformer (:class:`CaptionDecoder`, mask
+    :func:`git_attention_mask`). Training is teacher-forced cross-entropy with label smoothing on one or more
+    reference captions per image; validation decodes greedily; the test sweep decodes with ``beam_size``.
+
+    The word vocabulary comes from the data module (``vocab_size`` is linked by the CLI; the words are taken in
+    ``setup``) and is stored in every checkpoint, so ``dtem test --ckpt_path`` restores it.
+
+    Args:
+        vocab_size: decoder output size (linked from ``data.vocab_size``); the data's or checkpoint's vocabulary
+            wins when they differ.
+        decoder_width: decoder transformer width.
+        decoder_depth: decoder blocks.
+        decoder_heads: decoder attention heads.
+        decoder_mlp_ratio: decoder MLP ratio.
+        decoder_dropout: decoder dropout.
+        tie_embeddings: share word embedding and output layer.
+        max_len: longest generated caption in words (the decoder holds max_len + 1 positions).
+        label_smoothing: label smoothing of the caption loss.
+        captions_per_image: training captions drawn (without replacement) per image and step; the encoder
+            runs once per image.
+        beam_size: beam width of the test decoding (1: greedy).
+        length_penalty: beam hypotheses are ranked by log-prob / length**length_penalty.
+        freeze_decoder: keep the decoder fixed (a pretrained captioner whose policy alone trains).
+        use_meteor: METEOR column (pycocoevalcap + Java); None: when available.
+        flops_text_len: text tokens of the decoder pass counted by :meth:`gmacs`.
+        **kwargs: see :class:`~dtem_lightning.tasks.base.BaseTask` (``freeze_backbone`` is the modular regime).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 0,
+        decoder_width: int = 768,
+        decoder_depth: int = 6,
+        decoder_heads: int = 12,
+        decoder_mlp_ratio: float = 4.0,
+        decoder_dropout: float = 0.1,
+        tie_embeddings: bool = True,
+        max_len: int = 20,
+        label_smoothing: float = 0.1,
+        captions_per_image: int = 1,
+        beam_size: int = 3,
+        length_penalty: float = 0.0,
+        freeze_decoder: bool = False,
+        use_meteor: bool | None = None,
+        flops_text_len: int = 12,
+        **kwargs: Any,
+    ) -> None:
+        if beam_size < 1 or max_len < 1 or captions_per_image < 1:
+            raise ValueError(
+                f"beam_size, max_len and captions_per_image must be >= 1, got {beam_size}, {max_len}, "
+                f"{captions_per_image}"
+            )
+        super().__init__(**kwargs)
+        self.vocab: Vocabulary | None = None
+        self.decoder = CaptionDecoder(
+            max(vocab_size, len(Vocabulary([]))),
+            self.backbone.embed_dim,
+            decoder_width,
+            decoder_depth,
+            decoder_heads,
+            decoder_mlp_ratio,
+            max_len + 1,
+            decoder_dropout,
+            tie_embeddings,
+        )
+        if freeze_decoder:
+            self.decoder.requires_grad_(False)
+
+    def backbone_create_kwargs(self) -> dict[str, Any]:
+        return {**super().backbone_create_kwargs(), "num_classes": 0}
+
+    # ------------------------------------------------------------------ vocabulary
+    def set_vocab(self, vocab: Vocabulary) -> None:
+        """Use ``vocab``; the word embedding and output layer are re-created when its size differs."""
+        if len(vocab) != self.decoder.word_embed.num_embeddings:
+            self.decoder.resize_vocab(len(vocab))
+        self.vocab = vocab
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.vocab is None and getattr(dm, "vocab", None) is not None:
+            self.set_vocab(dm.vocab)
+        if self.vocab is None:
+            raise RuntimeError("CaptioningTask has no vocabulary: use a caption data module or set_vocab()")
+        super().setup(stage)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.vocab is not None:
+            checkpoint["vocab"] = self.vocab.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "vocab" in checkpoint:
+            self.set_vocab(Vocabulary.from_state_dict(checkpoint["vocab"]))
+        super().on_load_checkpoint(checkpoint)
+
+    # ------------------------------------------------------------------ model
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Merged encoder tokens [B, n, C] and their sizes [B, n, 1] (None while nothing merged)."""
+        tokens = self.backbone.forward_features(images)
+        # The policy the backbone runs now (the sweep switches policies with use_policy).
+        return tokens, active_policy(self.backbone).state.size
+
+    def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
+        """Teacher-forced logits [B, T, V] of ``tokens`` [B, T] (BOS first) given ``images`` [B, 3, H, W]."""
+        visual, size = self.encode(images)
+        return self.decoder(visual, size, tokens)
+
+    def _targets(self, captions: list[list[str]], per_image: int) -> tuple[Tensor, Tensor]:
+        """Image index [M] and padded ids [M, L+1] (BOS w1 .. wL EOS) of ``per_image`` captions per image."""
+        vocab, L = self.vocab, self.hparams.max_len
+        owners, rows = [], []
+        for i, caps in enumerate(captions):
+            picked = (
+                random.sample(list(caps), min(per_image, len(caps))) if self.training else caps[:per_image]
+            )
+            for c in picked:
+                owners.append(i)
+                rows.append([vocab.bos, *vocab.encode(c, L), vocab.eos])
+        ids = torch.full((len(rows), max(map(len, rows))), vocab.pad, dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.tensor(r)
+        return torch.tensor(owners, device=self.device), ids.to(self.device)
+
+    def caption_loss(self, images: Tensor, captions: list[list[str]], per_image: int) -> Tensor:
+        """Label-smoothed cross-entropy of ``per_image`` reference captions per image, encoder run once."""
+        owner, ids = self._targets(captions, per_image)
+        visual, size = self.encode(images)
+        visual = visual[owner]
+        size = size[owner] if size is not None else None
+        logits = self.decoder(visual, size, ids[:, :-1])
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            ids[:, 1:].flatten(),
+            ignore_index=self.vocab.pad,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+
+    # ------------------------------------------------------------------ decoding
+    def _next_logp(self, visual: Tensor, size: Tensor | None, seqs: Tensor, step: int) -> Tensor:
+        logp = self.decoder(visual, size, seqs)[:, -1].float().log_softmax(-1)
+        banned = [self.vocab.pad, self.vocab.bos] + ([self.vocab.eos] if step == 0 else [])
+        logp[:, banned] = float("-inf")
+        return logp
+
+    @torch.no_grad()
+    def greedy(self, images: Tensor, max_len: int | None = None) -> list[str]:
+        """Greedy captions of ``images`` [B, 3, H, W] (batched; at most ``max_len`` words)."""
+        max_len = max_len or self.hparams.max_len
+        visual, size = self.encode(images)
+        B, vocab = len(images), self.vocab
+        seqs = torch.full((B, 1), vocab.bos, dtype=torch.long, device=visual.device)
+        done = torch.zeros(B, dtype=torch.bool, device=visual.device)
+        for t in range(max_len):
+            tok = self._next_logp(visual, size, seqs, t).argmax(-1)
+            tok = tok.masked_fill(done, vocab.pad)
+            seqs = torch.cat([seqs, tok[:, None]], dim=1)
+            done |= tok == vocab.eos
+            if done.all():
+                break
+        return [vocab.decode(s[1:].tolist()) for s in seqs]
+
+    @torch.no_grad()
+    def beam_search(
+        self, images: Tensor, beam_size: int | None = None, max_len: int | None = None
+    ) -> list[str]:
+        """Beam-search captions of ``images`` [B, 3, H, W], all images and beams in one batch.
+
+        Finished hypotheses stay in the beam (extended by padding at no cost); the best of the final beam by
+        log-prob / length**length_penalty is returned. ``beam_size=1`` is greedy decoding.
+        """
+        K, max_len = beam_size or self.hparams.beam_size, max_len or self.hparams.max_len
+        visual, size = self.encode(images)
+        B, vocab, dev = len(images), self.vocab, visual.device
+        visual = visual.repeat_interleave(K, 0)
+        size = size.repeat_interleave(K, 0) if size is not None else None
+        seqs = torch.full((B * K, 1), vocab.bos, dtype=torch.long, device=dev)
+        scores = torch.full((B, K), float("-inf"), device=dev)
+        scores[:, 0] = 0.0  # identical beams at the start: expand only the first
+        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
+        lengths = torch.zeros(B * K, device=dev)
+        rows = torch.arange(B, device=dev)[:, None]
+        for t in range(max_len):
+            logp = self._next_logp(visual, size, seqs, t)
+            V = logp.shape[-1]
+            logp[done] = float("-inf")
+            logp[done, vocab.pad] = 0.0
+            cand = (scores.reshape(-1, 1) + logp).view(B, K * V)
+            scores, idx = cand.topk(K, dim=1)
+            beam, tok = idx // V, idx % V
+            pick = (rows * K + beam).flatten()
+            seqs = torch.cat([seqs[pick], tok.flatten()[:, None]], dim=1)
+            done, lengths = done[pick], lengths[pick] + (~done[pick]).float()
+            done = done | (tok.flatten() == vocab.eos)
+            if done.all():
+                break
+        ranked = scores / lengths.view(B, K).clamp(min=1) ** self.hparams.length_penalty
+        best = (rows[:, 0] * K + ranked.argmax(1)).tolist()
+        return [vocab.decode(seqs[i, 1:].tolist()) for i in best]
+
+    def generate(self, images: Tensor) -> list[str]:
+        """Captions with the configured decoding (greedy when ``beam_size`` is 1)."""
+        return self.greedy(images) if self.hparams.beam_size == 1 else self.beam_search(images)
+
+    # ------------------------------------------------------------------ BaseTask hooks
+    def metrics(self) -> MetricCollection:
+        return MetricCollection({"caption": CaptionMetrics(self.hparams.use_meteor)})
+
+    def training_loss(self, batch: Any) -> Tensor:
+        images, captions = batch
+        return self.caption_loss(images, captions, self.hparams.captions_per_image)
+
+    def step(self, batch: Any) -> tuple[Tensor, list[str], list[list[str]]]:
+        """Validation: loss on the first reference caption and greedy captions."""
+        images, captions = batch
+        loss = self.caption_loss(images, captions, 1)
+        return loss, self.greedy(images), [list(c) for c in captions]
+
+    def evaluate(self, batch: Any) -> tuple[list[str], list[list[str]]]:
+        """Test: captions decoded with ``beam_size`` and their references."""
+        images, captions = batch
+        return self.generate(images), [list(c) for c in captions]
+
+    def gmacs(self, input_size: tuple[int, int, int]) -> float:
+        """GMACs per image: encoder plus one decoder pass over the visual tokens and ``flops_text_len`` text tokens.
+
+        Convention: the decoder is counted as scoring one caption of typical length (``flops_text_len``, BOS
+        included) in a single pass, the cost per image of a decoder with a key/value cache; beam search
+        multiplies the decoder part by about the beam width.
+        """
+        text_len = min(self.hparams.flops_text_len, self.decoder.max_len)
+        return flops.gmacs(_FlopsProbe(self, text_len), input_size)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        for row in self.sweep_results:
+            row["visual_tokens"] = row["tokens"]  # every encoder token (prefix included) reaches the decoder

@@ -1,0 +1,340 @@
+"""SegmentationTask: Segmenter-style semantic segmentation whose ViT encoder merges and then unmerges tokens."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from dtem_lightning import flops
+from dtem_lightning.data.segmentation import IGNORE_INDEX, colorize, default_palette
+from dtem_lightning.patch import active_policy
+from dtem_lightning.tasks.base import BaseTask
+
+DECODERS = ("linear", "mask_transformer")
+
+
+class LinearDecoder(nn.Module):
+    """Segmenter's linear decoder: one Linear from patch features to class logits.
+
+    Args:
+        in_dim: encoder width.
+        num_classes: classes.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Patch features [B, h·w, C] -> logits [B, K, h, w]."""
+        B = x.shape[0]
+        return self.head(x).transpose(1, 2).reshape(B, -1, *grid)
+
+
+class MaskTransformer(nn.Module):
+    """Segmenter's mask transformer: learnable class embeddings attend jointly with the patches.
+
+    The patch features are projected to ``dim``, concatenated with K class embeddings, passed through
+    ``depth`` transformer blocks; the masks are the scalar products of the L2-normalised, projected patch and
+    class features, followed by a LayerNorm over classes (Strudel et al., ICCV 2021).
+
+    Args:
+        in_dim: encoder width.
+        num_classes: classes (K).
+        dim: decoder width.
+        depth: transformer blocks.
+        num_heads: attention heads.
+        mlp_ratio: MLP hidden width / ``dim``.
+        drop_path: stochastic depth rate (linearly increasing over the blocks).
+        dropout: dropout after attention/MLP projections.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        dim: int,
+        depth: int = 2,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.proj_in = nn.Linear(in_dim, dim)
+        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dp) for dp in rates
+        )
+        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.proj_patch = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
+        self.proj_classes = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
+        self.mask_norm = nn.LayerNorm(num_classes)
+        trunc_normal_(self.cls_emb, std=0.02)
+
+    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
+        """Patch features [B, h·w, C] -> logits [B, K, h, w]."""
+        B, n, _ = x.shape
+        x = torch.cat([self.proj_in(x), self.cls_emb.expand(B, -1, -1)], dim=1)  # [B, n + K, D]
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        patches = F.normalize(x[:, :n] @ self.proj_patch, dim=-1)
+        classes = F.normalize(x[:, n:] @ self.proj_classes, dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # [B, n, K]
+        return masks.transpose(1, 2).reshape(B, self.num_classes, *grid)
+
+
+class _Inference(nn.Module):
+    """Wraps a task so ``forward`` is its full inference (all sliding windows): counted by ``flops.gmacs``."""
+
+    def __init__(self, task: SegmentationTask) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.task.inference(x)
+
+
+class SegmentationTask(BaseTask):
+    """Semantic segmentation (Segmenter) with a merging ViT encoder.
+
+    Modifications of the plain Segmenter forward: the policy traces sources (``trace_source`` is switched on
+    for the task's policy and every test policy), and after the encoder :meth:`MergePolicy.unmerge` copies every
+    merged token back to each patch it covers, so the decoder always sees the full h × w patch grid. The
+    encoder is created with ``dynamic_img_size=True``: any input side divisible by the patch size works
+    (position embeddings resampled the timm way); other sizes are padded. Evaluation images larger than the
+    window (``window_size``, default the training crop) are segmented with overlapping sliding windows whose
+    logits are averaged.
+
+    Args:
+        num_classes: classes (linked from the data module by the CLI).
+        decoder: ``linear`` or ``mask_transformer``.
+        decoder_dim: mask transformer width (None: the encoder's).
+        decoder_depth: mask transformer blocks.
+        decoder_heads: mask transformer heads (None: the encoder's).
+        decoder_dropout: mask transformer dropout.
+        decoder_drop_path: mask transformer stochastic depth.
+        ignore_label: label excluded from the loss and the metrics (the data modules map their
+            ``ignore_index`` to 255; named apart so the two hyper-parameters never clash).
+        window_size: sliding-window side at evaluation (None: ``img_size``, the training crop).
+        window_stride: sliding-window stride (None: 2/3 of the window, rounded to the patch size; capped at
+            the window).
+        class_names: names for per-class IoU (default: the data module's, else ``class_<i>``).
+        **kwargs: see :class:`~dtem_lightning.tasks.base.BaseTask`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 150,
+        decoder: str = "mask_transformer",
+        decoder_dim: int | None = None,
+        decoder_depth: int = 2,
+        decoder_heads: int | None = None,
+        decoder_dropout: float = 0.1,
+        decoder_drop_path: float = 0.0,
+        ignore_label: int = IGNORE_INDEX,
+        window_size: int | None = None,
+        window_stride: int | None = None,
+        class_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+        self.num_classes = num_classes
+        super().__init__(**kwargs)
+        for p in [self.policy, *self.test_policies]:
+            p.trace_source = True
+        vit = self.backbone
+        C = vit.embed_dim
+        if decoder == "linear":
+            self.decoder = LinearDecoder(C, num_classes)
+        else:
+            heads = decoder_heads or vit.blocks[0].attn.num_heads
+            self.decoder = MaskTransformer(
+                C, num_classes, decoder_dim or C, decoder_depth, heads, drop_path=decoder_drop_path,
+                dropout=decoder_dropout,
+            )  # fmt: skip
+        self.patch = tuple(vit.patch_embed.patch_size)
+        crop = self.hparams.img_size or vit.patch_embed.img_size[0]
+        self.window = window_size or crop
+        stride = window_stride or max(
+            self.patch[0], round(self.window * 2 / 3 / self.patch[0]) * self.patch[0]
+        )
+        if self.window % self.patch[0] or self.window % self.patch[1]:
+            raise ValueError(f"window_size {self.window} must be divisible by the patch size {self.patch}")
+        if stride <= 0:
+            raise ValueError(f"window_stride must be positive, got {stride}")
+        self.stride = min(stride, self.window)  # a longer stride would leave gaps: capped at the window
+        self.ignore_index = ignore_label
+        self.class_names = list(class_names) if class_names else None
+        self.class_iou: list[dict[str, Any]] = []
+
+    def backbone_create_kwargs(self) -> dict[str, Any]:
+        return {**super().backbone_create_kwargs(), "num_classes": 0, "dynamic_img_size": True}
+
+    # ------------------------------------------------------------------ model
+    def encode(self, x: Tensor) -> Tensor:
+        """Images [B, 3, H, W] (sides divisible by the patch) -> patch features [B, h·w, C] on the full grid."""
+        tokens = self.backbone.forward_features(x)  # [B, n, C] after merging
+        policy = active_policy(self.backbone)  # the policy in use (the r-sweep switches policies)
+        if policy.state.size is not None:  # merged: hard (fewer tokens) or soft (fractional sizes)
+            tokens = policy.unmerge(tokens)  # [B, N0, C]
+        return tokens[:, self.backbone.num_prefix_tokens :]
+
+    def encode_decode(self, x: Tensor) -> Tensor:
+        """Logits [B, K, H, W] of images [B, 3, H, W]; H and W must be divisible by the patch size."""
+        H, W = x.shape[-2:]
+        if H % self.patch[0] or W % self.patch[1]:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch}")
+        grid = (H // self.patch[0], W // self.patch[1])
+        logits = self.decoder(self.encode(x), grid)
+        return F.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits [B, K, H, W] of images of any size: padded (bottom/right) to the patch grid, one window."""
+        H, W = x.shape[-2:]
+        ph, pw = -H % self.patch[0], -W % self.patch[1]
+        if ph or pw:
+            return self.encode_decode(F.pad(x, (0, pw, 0, ph)))[..., :H, :W]
+        return self.encode_decode(x)
+
+    def inference(self, x: Tensor) -> Tensor:
+        """Logits [B, K, H, W]: one pass when the image fits the window, else averaged sliding windows."""
+        H, W = x.shape[-2:]
+        if H <= self.window and W <= self.window:
+            return self(x)
+        win_h, win_w = min(self.window, H), min(self.window, W)
+        out = x.new_zeros(x.shape[0], self.num_classes, H, W)
+        count = x.new_zeros(1, 1, H, W)
+        for top in _starts(H, win_h, self.stride):
+            for left in _starts(W, win_w, self.stride):
+                out[..., top : top + win_h, left : left + win_w] += self(
+                    x[..., top : top + win_h, left : left + win_w]
+                )
+                count[..., top : top + win_h, left : left + win_w] += 1
+        return out / count
+
+    # ------------------------------------------------------------------ BaseTask hooks
+    def metrics(self) -> MetricCollection:
+        K, ig = self.num_classes, self.ignore_index
+        return MetricCollection(
+            {
+                "miou": MulticlassJaccardIndex(K, ignore_index=ig, average="macro"),
+                "pixel_acc": MulticlassAccuracy(K, ignore_index=ig, average="micro"),
+                "class_iou": MulticlassJaccardIndex(K, ignore_index=ig, average="none"),
+            },
+            compute_groups=[["miou", "class_iou"], ["pixel_acc"]],
+        )
+
+    def step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        x, y = batch
+        logits = self.inference(x) if not self.training else self(x)
+        loss = F.cross_entropy(logits, y, ignore_index=self.ignore_index)
+        return loss, logits.argmax(1), y
+
+    def evaluate(self, batch: Any) -> tuple[Tensor, Tensor]:
+        """Predicted labels and targets of one test batch (no loss computed)."""
+        x, y = batch
+        return self.inference(x).argmax(1), y
+
+    def training_loss(self, batch: Any) -> Tensor:
+        x, y = batch
+        if (y == self.ignore_index).all():
+            return self(x).sum() * 0.0  # an all-void crop: no signal, but keep DDP's gradients in step
+        return F.cross_entropy(self(x), y, ignore_index=self.ignore_index)
+
+    def gmacs(self, input_size: tuple[int, int, int]) -> float:
+        """GMACs per image of encoder and decoder, every sliding window included."""
+        return flops.gmacs(_Inference(self), input_size)
+
+    def input_size_for_flops(self, trainer: Any) -> tuple[int, int, int]:
+        return (3, self.window, self.window)
+
+    def num_input_tokens(self, input_size: tuple[int, int, int]) -> int:
+        """Tokens entering block 0 of one window for images of ``input_size``."""
+        H, W = input_size[1:]
+        return super().num_input_tokens((3, min(H, self.window), min(W, self.window)))
+
+    # ------------------------------------------------------------------ Lightning
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.class_names is None:
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            names = list(getattr(dm, "class_names", ()) or ())
+            self.class_names = names if len(names) == self.num_classes else None
+
+    def on_test_epoch_end(self) -> None:
+        """The sweep rows (scalars; see BaseTask), plus per-class IoU of every row to ``class_iou.csv``."""
+        vectors = {
+            key: m["class_iou"].compute().tolist() for key, m in self.test_metrics.items() if "class_iou" in m
+        }
+        super().on_test_epoch_end()
+        names = self.class_names or [f"class_{i}" for i in range(self.num_classes)]
+        self.class_iou = []
+        for (i, label, _, r), row in zip(self.sweep(), self.sweep_results):
+            ious = vectors.get(f"p{i}_r{r}")
+            if ious is not None:
+                self.class_iou.append(
+                    {"policy": label, "r": r, "miou": row.get("miou"), **dict(zip(names, ious))}
+                )
+        if self.class_iou and self.trainer.is_global_zero and self.trainer.log_dir:
+            path = Path(self.trainer.log_dir) / "class_iou.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(self.class_iou[0]))
+                writer.writeheader()
+                writer.writerows(self.class_iou)
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Predicted label maps [B, H, W] (uint8); saves image | ground truth | prediction PNGs (``save_png``)."""
+        x, y = batch
+        pred = self.inference(x).argmax(1)
+        out = Path(self.trainer.log_dir or ".") / "predictions"
+        for j in range(len(x)):
+            self.save_png(out / f"{batch_idx * len(x) + j:05d}.png", x[j], y[j], pred[j])
+        return pred.byte()  # labels < 256: a quarter of int64's memory in the collected predictions
+
+    def save_png(self, path: Path, image: Tensor, target: Tensor, pred: Tensor) -> None:
+        """Write image, colourised ground truth and colourised prediction side by side (ignored pixels black).
+
+        Args:
+            path: PNG file to write.
+            image: [3, H, W] normalised image (denormalised with the data module's mean and std).
+            target: [H, W] labels (255 = ignore).
+            pred: [H, W] predicted labels.
+        """
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        cfg = getattr(dm, "data_config", {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+        palette = getattr(dm, "palette", None) or default_palette(self.num_classes)
+        mean = torch.tensor(cfg["mean"], device=image.device).view(3, 1, 1)
+        std = torch.tensor(cfg["std"], device=image.device).view(3, 1, 1)
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+        t = target.cpu().numpy()
+        gt = np.asarray(colorize(np.where(t == self.ignore_index, IGNORE_INDEX, t), palette))
+        pr = np.asarray(colorize(pred.cpu().numpy(), palette))
+        gap = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate([rgb, gap, gt, gap, pr], axis=1)).save(path)
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    """Window offsets covering [0, length): every ``stride``, the last one flush with the end."""
+    n = max(1, math.ceil((length - window) / stride) + 1)
+    return sorted({min(i * stride, length - window) for i in range(n)})

@@ -1,0 +1,224 @@
+"""Gather ``sweep.csv`` files of several runs into one CSV + Markdown table and one accuracy-vs-GFLOPs plot."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+FIXED = ["policy", "r", "gflops", "tokens"]
+
+# Published numbers (DESIGN.md section 3), accuracies as fractions like the sweeps. r is empty where the paper
+# states no r; GFLOPs are the papers' (bias-free) figures, within 0.5 % of our convention.
+PUBLISHED: dict[str, list[dict[str, object]]] = {
+    "deit_s_imagenet": [
+        {
+            "policy": "DeiT-S (no merging)",
+            "r": 0,
+            "gflops": 4.6,
+            "acc1": 0.7980,
+            "ref": "DeiT (Touvron et al. 2021)",
+        },
+        {"policy": "DTEM", "r": "", "gflops": 2.89, "acc1": 0.7985, "ref": "DTEM abstract: -37.2 % FLOPs"},
+        {"policy": "ToMe (trained)", "r": 8, "gflops": 3.4, "acc1": 0.797, "ref": "ToMe (Bolya et al. 2023)"},
+        {
+            "policy": "ToMe (trained)",
+            "r": 13,
+            "gflops": 2.7,
+            "acc1": 0.794,
+            "ref": "ToMe (Bolya et al. 2023)",
+        },
+        {
+            "policy": "ToMe (trained)",
+            "r": 16,
+            "gflops": 2.3,
+            "acc1": 0.791,
+            "ref": "ToMe (Bolya et al. 2023)",
+        },
+        {
+            "policy": "ToMe (off-the-shelf)",
+            "r": 13,
+            "gflops": 2.7,
+            "acc1": 0.788,
+            "ref": "ToMe (Bolya et al. 2023)",
+        },
+        {"policy": "MCTF", "r": "", "gflops": 2.6, "acc1": 0.801, "ref": "MCTF (Lee et al. 2024)"},
+        {"policy": "DiffRate", "r": "", "gflops": 2.9, "acc1": 0.7954, "ref": "DiffRate (Chen et al. 2023)"},
+    ],
+}
+
+
+def find_sweeps(paths: list[str]) -> list[tuple[str, Path]]:
+    """(run label, sweep.csv path) for each argument: a file, a folder searched recursively, or ``LABEL=path``.
+
+    The default label is the path of the file's folder relative to the common ``runs``-style root (e.g.
+    ``demo/test``), so rows of different runs stay apart.
+
+    Raises:
+        FileNotFoundError: an argument names nothing, or a folder holds no sweep.csv.
+    """
+    found: list[tuple[str, Path]] = []
+    for arg in paths:
+        label, _, path = arg.rpartition("=") if "=" in arg else ("", "", arg)
+        p = Path(path)
+        if p.is_file():
+            files = [p]
+        elif p.is_dir():
+            files = sorted(p.rglob("sweep.csv"))
+            if not files:
+                raise FileNotFoundError(f"no sweep.csv under {p}")
+        else:
+            raise FileNotFoundError(f"{p} does not exist")
+        for f in files:
+            name = label or "/".join(f.parent.parts[-2:])
+            if label and len(files) > 1:
+                name = f"{label}/{f.parent.name}"
+            found.append((name, f))
+    return found
+
+
+def _num(v: str) -> object:
+    try:
+        return int(v)
+    except ValueError:
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+
+def read_rows(sweeps: list[tuple[str, Path]]) -> list[dict[str, object]]:
+    """Rows of every sweep with a ``run`` column; numbers parsed.
+
+    Raises:
+        ValueError: a file lacks the fixed columns ``policy, r, gflops, tokens``.
+    """
+    rows: list[dict[str, object]] = []
+    for run, path in sweeps:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in FIXED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path} lacks the columns {missing}")
+            for row in reader:
+                rows.append({"run": run, **{k: (v if k == "policy" else _num(v)) for k, v in row.items()}})
+    return rows
+
+
+def published_rows(setting: str | None) -> list[dict[str, object]]:
+    """Published reference rows for ``setting`` (none when the setting has no published numbers)."""
+    if setting is None:
+        return []
+    if setting not in PUBLISHED:
+        raise ValueError(f"unknown setting {setting!r}; known: {sorted(PUBLISHED)}")
+    return [{"run": "published", "tokens": "", **row} for row in PUBLISHED[setting]]
+
+
+def columns(rows: list[dict[str, object]]) -> list[str]:
+    """Column order: run, the fixed sweep columns, the metrics in first-seen order, then ``ref``."""
+    cols = ["run", *FIXED]
+    for row in rows:
+        cols += [k for k in row if k not in cols and k != "ref"]
+    return cols + (["ref"] if any("ref" in r for r in rows) else [])
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def markdown(rows: list[dict[str, object]], cols: list[str]) -> str:
+    """GitHub Markdown table; published rows are marked in the ``run`` column."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, object]], out: Path, metric: str = "acc1") -> Path:
+    """``metric`` vs GFLOPs: one line per (run, policy) of measured rows, stars for published rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    runs = {r["run"] for r in rows if r["run"] != "published"}
+    groups = dict.fromkeys((r["run"], r["policy"]) for r in rows)
+    for run, policy in groups:
+        pts = sorted(
+            (float(r["gflops"]), float(r[metric]), r["r"])
+            for r in rows
+            if (r["run"], r["policy"]) == (run, policy) and r.get(metric, "") != ""
+        )
+        if not pts:
+            continue
+        label = policy if len(runs) <= 1 else f"{run}: {policy}"
+        if run == "published":
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "*", ms=10, label=f"{policy} (published)")
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        for g, m, r in pts:
+            ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("GFLOPs (GMACs per image)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def collect(
+    paths: list[str], out_dir: str | Path, setting: str | None = None, metric: str = "acc1"
+) -> list[dict]:
+    """Write ``sweep.csv``, ``sweep.md`` and ``tradeoff.png`` for the given sweeps into ``out_dir``.
+
+    Args:
+        paths: sweep.csv files, folders holding them, or ``LABEL=path``.
+        out_dir: output folder (created).
+        setting: add the published rows of this setting (e.g. ``deit_s_imagenet``), marked ``published``.
+        metric: the plotted column.
+
+    Returns:
+        The collected rows (measured, then published).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = read_rows(find_sweeps(paths)) + published_rows(setting)
+    cols = columns(rows)
+    with (out / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "sweep.md").write_text(markdown(rows, cols) + "\n")
+    plot(rows, out / "tradeoff.png", metric)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python experiments/collect.py runs/a runs/b/version_0/sweep.csv --out results/x``."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("paths", nargs="+", help="sweep.csv files, folders searched for them, or LABEL=path")
+    ap.add_argument("--out", required=True, help="output folder for sweep.csv, sweep.md, tradeoff.png")
+    ap.add_argument(
+        "--setting", choices=sorted(PUBLISHED), help="add the published reference rows of a setting"
+    )
+    ap.add_argument("--metric", default="acc1", help="column plotted against GFLOPs")
+    args = ap.parse_args(argv)
+    try:
+        rows = collect(args.paths, args.out, args.setting, args.metric)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(markdown(rows, columns(rows)))
+    print(f"\nwritten to {args.out}/sweep.csv, sweep.md, tradeoff.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Headroom check: does the choice of merge metric matter at the target r? (ToMe keys, random embeddings, raw input)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dtem_lightning.patch import apply_policy, use_policy
+from dtem_lightning.policy import DTEMHard, MergePolicy, NoMerge, ToMe
+
+
+class RawInput(MergePolicy):
+    """Hard merging on the block's normalised input u itself (no projection): a parameter-free control metric."""
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        return u
+
+
+def candidate_policies(vit: nn.Module, seeds: int) -> list[tuple[str, MergePolicy]]:
+    """Bind NoMerge, ToMe, ``seeds`` untrained DTEM embeddings (seeds 0..seeds-1) and RawInput to ``vit``.
+
+    ``vit`` gets patched with the first policy (NoMerge) when it is not patched yet.
+    """
+    pols: list[tuple[str, MergePolicy]] = [("NoMerge", NoMerge()), ("ToMe (keys)", ToMe())]
+    for s in range(seeds):
+        torch.manual_seed(s)
+        pols.append((f"random embedding (seed {s})", DTEMHard()))
+    pols.append(("raw block input", RawInput()))
+    apply_policy(vit, pols[0][1])
+    for _, p in pols[1:]:
+        p.bind(vit)
+    return pols
+
+
+@torch.inference_mode()
+def evaluate(
+    vit: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], rs: list[int], seeds: int = 5
+) -> list[dict[str, object]]:
+    """Top-1 of every candidate metric at every r, in one pass over ``batches``.
+
+    Args:
+        vit: a timm ViT classifier (unpatched; it is patched here).
+        batches: (images [B, 3, H, W], labels [B]) pairs.
+        rs: reduction rates to evaluate.
+        seeds: number of random untrained embeddings.
+
+    Returns:
+        Rows ``{"metric", "r", "acc1", "n"}`` (NoMerge once, at r = 0); accuracies in percent.
+    """
+    vit.eval()
+    pols = candidate_policies(vit, seeds)
+    jobs = [(name, p, r) for name, p in pols for r in ([0] if isinstance(p, NoMerge) else rs)]
+    correct = [0] * len(jobs)
+    n = 0
+    for x, y in batches:
+        n += len(y)
+        for j, (_, p, r) in enumerate(jobs):
+            use_policy(vit, p)
+            with p.reduce(r):
+                correct[j] += int((vit(x).argmax(-1) == y).sum())
+    use_policy(vit, pols[0][1])
+    return [
+        {"metric": name, "r": r, "acc1": 100.0 * c / max(n, 1), "n": n}
+        for (name, _, r), c in zip(jobs, correct)
+    ]
+
+
+def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per r: best and worst merging metric, their spread and the binomial standard error of one accuracy.
+
+    The verdict is "no headroom" when the spread is within 2 standard errors (no learned metric can be shown to
+    win), "small" within 1 point beyond that, else "headroom".
+    """
+    out = []
+    for r in sorted({row["r"] for row in rows if row["r"]}):
+        accs = {row["metric"]: row["acc1"] for row in rows if row["r"] == r}
+        n = next(row["n"] for row in rows if row["r"] == r)
+        mean = sum(accs.values()) / len(accs) / 100
+        se = 100 * math.sqrt(max(mean * (1 - mean), 1e-12) / max(n, 1))
+        best, worst = max(accs, key=accs.get), min(accs, key=accs.get)
+        spread = accs[best] - accs[worst]
+        verdict = "no headroom" if spread <= 2 * se else "small" if spread <= 2 * se + 1 else "headroom"
+        out.append(
+            {"r": r, "best": best, "best_acc1": accs[best], "worst": worst, "worst_acc1": accs[worst],
+             "spread": spread, "stderr": se, "verdict": verdict}
+        )  # fmt: skip
+    return out
+
+
+def markdown(rows: list[dict[str, object]], summary: list[dict[str, object]]) -> str:
+    """Two Markdown tables: top-1 per metric (rows) and r (columns), then the per-r summary."""
+    rs = sorted({row["r"] for row in rows if row["r"]})
+    names = list(dict.fromkeys(row["metric"] for row in rows))
+    acc = {(row["metric"], row["r"]): row["acc1"] for row in rows}
+    lines = ["| metric | " + " | ".join(f"r={r}" for r in rs) + " |", "|---|" + "---|" * len(rs)]
+    for name in names:
+        if name == "NoMerge":
+            lines.append(f"| NoMerge (r=0) | {acc[(name, 0)]:.2f} |" + " |" * (len(rs) - 1))
+        else:
+            lines.append(f"| {name} | " + " | ".join(f"{acc[(name, r)]:.2f}" for r in rs) + " |")
+    lines += [
+        "",
+        "| r | best | worst | spread (pt) | std. error (pt) | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        lines.append(
+            f"| {s['r']} | {s['best']} {s['best_acc1']:.2f} | {s['worst']} {s['worst_acc1']:.2f} | "
+            f"{s['spread']:.2f} | {s['stderr']:.2f} | {s['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: see ``--help``; writes a Markdown table (and JSON rows) to ``--out``."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--backbone", default="vit_tiny_patch16_224", help="timm model name")
+    ap.add_argument(
+        "--backbone-kwargs",
+        default='{"patch_size": 4, "depth": 6, "embed_dim": 128, "num_heads": 2}',
+        help="JSON kwargs of create_model",
+    )
+    ap.add_argument(
+        "--checkpoint-path", help="local weights file (safetensors or state dict) for the backbone"
+    )
+    ap.add_argument("--root", default="data/cifar10", help="image-folder tree or zip")
+    ap.add_argument(
+        "--split", choices=("val", "test"), default="val", help="evaluate on val (default) or test"
+    )
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--r", type=int, nargs="+", default=[4, 8, 10], help="target reduction rates")
+    ap.add_argument("--seeds", type=int, default=5, help="number of random untrained embeddings")
+    ap.add_argument("--batch-size", type=int, default=250)
+    ap.add_argument("--max-per-class", type=int, default=None, help="fewer images per class (quick runs)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--out", type=Path, help="write the Markdown tables here (and rows as .json beside it)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import timm
+
+    from dtem_lightning.data.folder import ImageFolderDataModule
+
+    dm = ImageFolderDataModule(
+        root=args.root, backbone=args.backbone, img_size=args.img_size, batch_size=args.batch_size,
+        max_per_class=args.max_per_class, train_transform="simple",
+    )  # fmt: skip
+    kwargs = {**json.loads(args.backbone_kwargs), "img_size": args.img_size, "num_classes": dm.num_classes}
+    if args.checkpoint_path:
+        # num_classes in the overlay: timm keeps the file's head only when it matches the model's class count
+        overlay = {
+            "file": args.checkpoint_path,
+            "hf_hub_id": None,
+            "url": None,
+            "num_classes": dm.num_classes,
+        }
+        vit = timm.create_model(args.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    else:
+        vit = timm.create_model(args.backbone, pretrained=False, **kwargs)
+    dm.setup("validate" if args.split == "val" else "test")
+    loader = dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
+    folder = dm.val_split if args.split == "val" else dm.test_split
+    rows = evaluate(vit, loader, args.r, args.seeds)
+    text = markdown(rows, summarize(rows))
+    header = f"Headroom check: {args.backbone} {kwargs}, weights {args.checkpoint_path}, split {folder}/ "
+    header += f"({rows[0]['n']} images), top-1 %.\n\n"
+    print(header + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(header + text + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

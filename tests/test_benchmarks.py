@@ -1,0 +1,94 @@
+"""Every demo, replication and paper-scale Makefile target parses: ``make -n``, then ``--print_config``."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dtem_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = [
+    "pretrain-small", "demo", "demo-quick", "replicate-small",
+    "table1-deit-s", "table1-deit-b", "table1-mae-b", "table1-mae-l", "tome-offshelf", "e2e-deit-s",
+]  # fmt: skip
+
+
+def make_n(target: str, *variables: str) -> list[list[str]]:
+    """Commands ``make -n TARGET`` would run (continuation lines joined), each split into words."""
+    env = {**os.environ, "MAKEFLAGS": ""}
+    proc = subprocess.run(
+        ["make", "-n", "--no-print-directory", target, *variables],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.replace("\\\n", " ")
+    return [shlex.split(line) for line in text.splitlines() if line.strip()]
+
+
+def dtem_commands(cmds: list[list[str]]) -> list[list[str]]:
+    """The ``dtem`` invocations among ``cmds``, without the program name."""
+    return [c[1:] for c in cmds if c and Path(c[0]).name == "dtem"]
+
+
+def print_config(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    """``--print_config`` output of a dtem command line (``--ckpt_path`` dropped: the checkpoint does not exist)."""
+    args = [a for a in args if not a.startswith("--ckpt_path")] + ["--print_config"]
+    with pytest.raises(SystemExit) as e, pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["dtem"])
+        main(args)
+    assert e.value.code == 0, args
+    return capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def parsed() -> dict[str, list[list[str]]]:
+    return {t: make_n(t, "IMAGENET=/data/imagenet", "DEVICES=8") for t in TARGETS}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_target_parses(target, parsed, capsys):
+    cmds = dtem_commands(parsed[target])
+    assert cmds, f"make -n {target} runs no dtem command"
+    for args in cmds:
+        assert args[0] in ("fit", "test"), args
+        out = print_config(args, capsys)
+        assert "class_path: dtem_lightning." in out
+        if target.startswith(("table1", "tome", "e2e")):
+            assert "root: /data/imagenet" in out and "devices: '8'" in out and "strategy: ddp" in out
+            assert "accelerator: gpu" in out
+
+
+def test_headroom_target_parses():
+    cmds = make_n("headroom-small")
+    assert any(Path(w).name == "headroom.py" for w in cmds[-1])
+    replicate = make_n("replicate-small")
+    assert any(Path(w).name == "headroom.py" for c in replicate for w in c)
+
+
+def test_demo_sequence(parsed):
+    cmds = parsed["demo"]
+    stages = [c[0] for c in dtem_commands(cmds)]
+    assert stages == ["fit", "test"]
+    test = dtem_commands(cmds)[1]
+    assert {"--model.init_args.test_policies+=NoMerge", "--model.init_args.test_policies+=ToMe",
+            "--model.init_args.test_policies+=DTEMHard"} <= set(test)  # fmt: skip
+    assert any("collect.py" in w for w in cmds[-1]) and "results/demo" in cmds[-1]
+    assert any("prepare_cifar10.py" in w for c in cmds for w in c)
+
+
+def test_overlays_change_the_model(parsed, capsys):
+    mae_l = dtem_commands(parsed["table1-mae-l"])[0]
+    out = print_config(mae_l, capsys)
+    for needle in ("backbone: vit_large_patch16_224", "global_pool: avg", "embed_dim: 128", "prop_attn: train",
+                   "tau1: 0.1", "r: 8"):  # fmt: skip
+        assert needle in out, needle
+    demo_fit = dtem_commands(parsed["demo"])[0]
+    out = print_config(demo_fit, capsys)
+    assert (
+        "checkpoint_path: checkpoints/cifar10_vit_small.safetensors" in out and "freeze_backbone: true" in out
+    )

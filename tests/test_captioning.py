@@ -1,0 +1,180 @@
+"""Captioning: GIT's attention mask, r=0 identity, metrics by hand and vs pycocoevalcap, vocabulary, decoding, data."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from dtem_lightning.data.captions import Flickr8kDataModule, split_by_name
+from dtem_lightning.policy import DTEMHard, NoMerge, ToMe
+from dtem_lightning.tasks.captioning import CaptioningTask, git_attention_mask
+from dtem_lightning.text import CaptionMetrics, Vocabulary, bleu, cider_d, rouge_l, tokenize
+
+FLICKR = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k" / "flickr8k_1k.zip"
+CAPTIONS = ["a dog runs on the grass .", "a man sits on a red bench", "two dogs play with a ball", "a dog ."]
+
+
+def tiny_task(policy=None, **kw) -> CaptioningTask:
+    task = CaptioningTask(
+        backbone="vit_tiny_patch16_224",
+        backbone_kwargs=dict(img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=2),
+        policy=policy,
+        decoder_width=32,
+        decoder_depth=2,
+        decoder_heads=2,
+        decoder_dropout=0.0,
+        max_len=8,
+        use_meteor=False,
+        **kw,
+    )
+    task.set_vocab(Vocabulary.build(CAPTIONS, min_freq=1))
+    return task.eval()
+
+
+def test_attention_mask_is_gits():
+    inf = float("-inf")
+    expected = torch.tensor(
+        [  # 2 visual tokens, 3 text tokens: visual<->visual full, visual->text none, text->visual full + causal
+            [0, 0, inf, inf, inf],
+            [0, 0, inf, inf, inf],
+            [0, 0, 0, inf, inf],
+            [0, 0, 0, 0, inf],
+            [0, 0, 0, 0, 0],
+        ]
+    )
+    assert torch.equal(git_attention_mask(2, 3)[0, 0], expected)
+    size = torch.tensor([[[1.0], [3.0]]])
+    biased = git_attention_mask(2, 3, size)[0, 0]
+    bias = torch.tensor([math.log(1.0 + 1e-6), math.log(3.0 + 1e-6), 0.0, 0.0, 0.0])
+    assert torch.allclose(biased, expected + bias, atol=1e-6)  # log(size) on the visual key columns only
+
+
+def test_r0_changes_nothing():
+    x = torch.randn(2, 3, 32, 32)
+    tokens = torch.tensor([[1, 4, 5, 6], [1, 7, 8, 2]])
+    ref = tiny_task(NoMerge())
+    for policy in (ToMe(r=0), DTEMHard(r=0)):
+        task = tiny_task(policy)
+        task.load_state_dict(ref.state_dict(), strict=False)
+        assert torch.equal(task(x, tokens), ref(x, tokens))
+    merged = tiny_task(ToMe(r=8))
+    merged.load_state_dict(ref.state_dict(), strict=False)
+    assert not torch.allclose(merged(x, tokens), ref(x, tokens))
+    assert merged.encode(x)[0].shape[1] == 65 - 16
+
+
+def test_metrics_match_hand_computed_values():
+    cand, ref = "a b c d".split(), "a b c e".split()
+    b = bleu([cand], [[ref]])
+    assert b[0] == pytest.approx(3 / 4) and b[1] == pytest.approx(math.sqrt(3 / 4 * 2 / 3))
+    assert b[2] == pytest.approx((3 / 4 * 2 / 3 * 1 / 2) ** (1 / 3))
+    assert b[3] < 1e-3  # no matching 4-gram
+    assert bleu([["a", "b"]], [[["a", "b", "c", "d"]]])[0] == pytest.approx(math.exp(1 - 4 / 2))  # brevity
+    assert rouge_l([cand], [[ref]]) == pytest.approx(0.75)
+    p, r = 2 / 4, 2 / 2  # LCS "a b"; best precision and best recall over references
+    assert rouge_l([cand], [[["a", "b"], ["x"]]]) == pytest.approx((1 + 1.44) * p * r / (r + 1.44 * p))
+    # Two images with disjoint words: an exact match scores 10, a miss 0.
+    same, other = "w x y z".split(), "p q r s".split()
+    assert cider_d([same, same], [[same], [other]]) == pytest.approx(5.0)
+    m = CaptionMetrics(use_meteor=False)
+    m.update(["A dog runs."], [["a dog runs", "the dog is running ."]])
+    out = m.compute()
+    assert list(out) == ["bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"]
+    assert out["bleu1"] == pytest.approx(1.0) and out["rouge_l"] == pytest.approx(1.0)
+    assert tokenize("A dog's toy, isn't it?") == ["a", "dog", "'s", "toy", "is", "n't", "it"]
+
+
+def test_metrics_match_pycocoevalcap():
+    pytest.importorskip("pycocoevalcap")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    g = torch.Generator().manual_seed(0)
+    words = "a dog cat man runs sits on the grass red ball with two".split()
+
+    def sent(n: int) -> list[str]:
+        return [words[i] for i in torch.randint(0, len(words), (n,), generator=g)]
+
+    cands = [sent(int(torch.randint(3, 9, (1,), generator=g))) for _ in range(12)]
+    refs = [[sent(int(torch.randint(3, 9, (1,), generator=g))) for _ in range(3)] for _ in range(12)]
+    res = {i: [" ".join(c)] for i, c in enumerate(cands)}
+    gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(refs)}
+    ref_bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    ref_cider, _ = Cider().compute_score(gts, res)
+    assert bleu(cands, refs) == pytest.approx(ref_bleu, rel=1e-6)
+    assert cider_d(cands, refs) == pytest.approx(ref_cider, rel=1e-6)
+
+
+def test_vocabulary_round_trips_through_checkpoint(tmp_path):
+    import lightning as L
+
+    task = tiny_task()
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(task)
+    path = tmp_path / "c.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["vocab"]["itos"] == task.vocab.itos
+    fresh = tiny_task()
+    fresh.set_vocab(Vocabulary(["other"]))  # a different (smaller) vocabulary is replaced, layers resized
+    fresh.on_load_checkpoint(ckpt)
+    fresh.load_state_dict(ckpt["state_dict"])
+    assert fresh.vocab == task.vocab
+    assert fresh.decoder.head.weight.shape == task.decoder.head.weight.shape
+
+
+def test_beam_size_one_equals_greedy_and_decoding_is_batched():
+    task = tiny_task(ToMe(r=4))
+    x = torch.randn(3, 3, 32, 32)
+    greedy = task.greedy(x)
+    assert task.beam_search(x, beam_size=1) == greedy
+    assert [task.greedy(x[i : i + 1])[0] for i in range(3)] == greedy  # batching changes nothing
+    beams = task.beam_search(x, beam_size=3)
+    assert len(beams) == 3 and all(len(c.split()) <= 8 for c in beams)
+
+
+def test_beam_finds_at_least_greedys_score():
+    task = tiny_task()
+    x = torch.randn(2, 3, 32, 32)
+
+    def logp(caption: str, i: int) -> float:
+        ids = [task.vocab.bos, *task.vocab.encode(caption), task.vocab.eos][: task.hparams.max_len + 1]
+        t = torch.tensor([ids])
+        lp = task(x[i : i + 1], t[:, :-1]).log_softmax(-1)
+        return float(lp[0].gather(1, t[0, 1:, None]).sum())
+
+    for i, (g, b) in enumerate(zip(task.greedy(x), task.beam_search(x, beam_size=4), strict=True)):
+        if len(g.split()) < 8 and len(b.split()) < 8:  # both finished with EOS
+            assert logp(b, i) >= logp(g, i) - 1e-4
+
+
+def test_training_step_learns_and_freezes(tmp_path):
+    task = tiny_task(freeze_backbone=True, captions_per_image=2).train()
+    batch = (torch.randn(2, 3, 32, 32), [CAPTIONS[:2], CAPTIONS[2:]])
+    assert task.training_loss(batch).requires_grad
+    assert not any(p.requires_grad for p in task.backbone.parameters())
+    assert task.gmacs((3, 32, 32)) > 0
+
+
+def test_split_by_name_is_deterministic():
+    samples = [(f"{i:04d}.jpg", ["c"]) for i in range(1000)][::-1]
+    s = split_by_name(samples, (0.8, 0.1))
+    assert [len(s[k]) for k in ("train", "val", "test")] == [800, 100, 100]
+    assert s["train"][0][0] == "0000.jpg" and s["test"][-1][0] == "0999.jpg"
+
+
+@pytest.mark.skipif(not FLICKR.exists(), reason="Flickr8k-1k not present")
+def test_flickr8k_zip_layout():
+    dm = Flickr8kDataModule(str(FLICKR), img_size=32, min_freq=3, batch_size=4)
+    assert [len(dm.samples[k]) for k in ("train", "val", "test")] == [800, 100, 100]
+    with zipfile.ZipFile(FLICKR) as zf:
+        first = sorted(n for n in zf.namelist() if n.endswith(".jpg"))[0]
+    assert dm.samples["train"][0][0] == first and len(dm.samples["train"][0][1]) == 5
+    dm.setup("test")
+    images, caps = next(iter(dm.test_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and len(caps) == 4 and len(caps[0]) == 5
+    assert dm.vocab_size == len(dm.vocab) > 100

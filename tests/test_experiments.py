@@ -1,0 +1,176 @@
+"""experiments/: CIFAR-10 preparation, backbone export, sweep collection and the headroom check."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from dtem_lightning.tasks.classification import ClassificationTask
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import collect  # noqa: E402
+import export_backbone  # noqa: E402
+import headroom  # noqa: E402
+import prepare_cifar10 as prep  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _jpeg(seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    buf = io.BytesIO()
+    Image.fromarray((torch.rand(8, 8, 3, generator=g) * 255).byte().numpy()).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def fake_zip(tmp_path) -> tuple[Path, str]:
+    """A CIFAR-10-shaped zip (3 train + 1 test image per class) and its sha256."""
+    path = tmp_path / "cifar.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        for c, cls in enumerate(prep.CLASSES):
+            for i in range(3):
+                zf.writestr(f"train/{cls}/{i:04d}.jpg", _jpeg(10 * c + i))
+            zf.writestr(f"test/{cls}/0000.jpg", _jpeg(1000 + c))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_prepare_is_idempotent(fake_zip, tmp_path, capsys):
+    archive, sha = fake_zip
+    out = tmp_path / "cifar10"
+    prep.prepare(out, archive, val_per_class=1, expected_sha256=sha, allow_download=False)
+    assert len(list((out / "train" / "cat").glob("*.jpg"))) == 2
+    assert [p.name for p in (out / "val" / "cat").glob("*.jpg")] == ["0002.jpg"]
+    assert len(list((out / "test").rglob("*.jpg"))) == 10
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
+    capsys.readouterr()
+    prep.prepare(out, archive, val_per_class=1, expected_sha256=sha, allow_download=False)
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")} == before
+    (out / "test" / "cat" / "0000.jpg").write_bytes(b"tampered")  # a changed tree is rewritten
+    prep.prepare(out, archive, val_per_class=1, expected_sha256=sha, allow_download=False)
+    assert (out / "test" / "cat" / "0000.jpg").read_bytes() == _jpeg(1003)
+
+
+def test_prepare_refuses_corrupted_archive(fake_zip, tmp_path):
+    archive, sha = fake_zip
+    data = bytearray(archive.read_bytes())
+    data[200] ^= 0xFF  # inside the first member's bytes
+    archive.write_bytes(bytes(data))
+    with pytest.raises(prep.PrepareError, match="corrupted or not the expected file"):
+        prep.prepare(tmp_path / "a", archive, expected_sha256=sha, allow_download=False)
+    with pytest.raises(prep.PrepareError, match="CRC"):
+        prep.prepare(tmp_path / "b", archive, expected_sha256=None, allow_download=False)
+    assert (
+        prep.main(["--zip", str(archive), "--sha256", sha, "--out", str(tmp_path / "c"), "--no-download"])
+        == 1
+    )
+
+
+def test_prepare_without_archive_or_download(tmp_path):
+    with pytest.raises(prep.PrepareError, match="downloading is disabled"):
+        prep.prepare(tmp_path / "x", tmp_path / "missing.zip", allow_download=False)
+
+
+def _tiny_timm(**kw: object) -> torch.nn.Module:
+    cfg = dict(
+        img_size=32, patch_size=4, embed_dim=48, depth=2, num_heads=2, num_classes=10, pretrained=False
+    )
+    return timm.create_model("vit_tiny_patch16_224", **{**cfg, **kw})
+
+
+def test_export_loads_through_timm(tmp_path):
+    model = _tiny_timm()
+    ckpt = tmp_path / "last.ckpt"
+    state = {f"backbone.{k}": v for k, v in model.state_dict().items()}
+    state["policy.embed.0.weight"] = torch.zeros(3, 3)
+    torch.save({"state_dict": state}, ckpt)
+    out = tmp_path / "w.safetensors"
+    export_backbone.export(ckpt, out)
+    kwargs = dict(patch_size=4, embed_dim=48, depth=2, num_heads=2)
+    task = ClassificationTask(
+        backbone="vit_tiny_patch16_224",
+        checkpoint_path=str(out),
+        backbone_kwargs=kwargs,
+        num_classes=10,
+        img_size=32,
+    )
+    for (k, a), b in zip(model.state_dict().items(), task.backbone.state_dict().values()):
+        torch.testing.assert_close(b, a.half().float(), msg=k)
+
+
+def _write_sweep(path: Path, rows: list[tuple[str, int, float, int, float]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["policy", "r", "gflops", "tokens", "acc1", "acc5"])
+        for p, r, g, t, a in rows:
+            w.writerow([p, r, g, t, a, min(1.0, a + 0.2)])
+
+
+def test_collect_one_row_per_policy_and_r(tmp_path):
+    a = [("DTEMSoft", 0, 4.6, 197, 0.79), ("DTEMSoft", 16, 2.3, 11, 0.78), ("NoMerge", 0, 4.6, 197, 0.79),
+         ("ToMe", 0, 4.6, 197, 0.79), ("ToMe", 16, 2.3, 11, 0.77)]  # fmt: skip
+    _write_sweep(tmp_path / "runs" / "x" / "version_0" / "sweep.csv", a)
+    _write_sweep(tmp_path / "runs" / "y" / "version_0" / "sweep.csv", a[:2])
+    out = tmp_path / "out"
+    rows = collect.collect([str(tmp_path / "runs")], out, setting="deit_s_imagenet")
+    measured = [r for r in rows if r["run"] != "published"]
+    keys = [(r["run"], r["policy"], r["r"]) for r in measured]
+    assert len(keys) == len(set(keys)) == 7
+    published = [r for r in rows if r["run"] == "published"]
+    assert {"DTEM", "MCTF", "DiffRate", "ToMe (trained)"} <= {r["policy"] for r in published}
+    with (out / "sweep.csv").open() as f:
+        header = next(csv.reader(f))
+    assert (
+        header[:5] == ["run", "policy", "r", "gflops", "tokens"] and "acc1" in header and header[-1] == "ref"
+    )
+    assert "| published | DTEM |" in (out / "sweep.md").read_text()
+    assert (out / "tradeoff.png").read_bytes()[:8] == PNG_MAGIC
+    only = collect.collect([f"demo={tmp_path / 'runs' / 'x' / 'version_0' / 'sweep.csv'}"], tmp_path / "o2")
+    assert {r["run"] for r in only} == {"demo"} and len(only) == 5
+
+
+def test_collect_rejects_bad_input(tmp_path):
+    assert collect.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 1
+    bad = tmp_path / "sweep.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="lacks the columns"):
+        collect.collect([str(bad)], tmp_path / "o")
+
+
+def test_headroom_on_tiny_model(tmp_path):
+    vit = _tiny_timm(depth=3).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
+    ]
+    rows = headroom.evaluate(vit, batches, rs=[4, 8], seeds=2)
+    names = [r["metric"] for r in rows]
+    assert (
+        names.count("NoMerge") == 1
+        and names.count("ToMe (keys)") == 2
+        and names.count("raw block input") == 2
+    )
+    assert len(rows) == 1 + 4 * 2 and all(r["n"] == 16 for r in rows)
+    summary = headroom.summarize(rows)
+    assert [s["r"] for s in summary] == [4, 8] and all(s["spread"] >= 0 for s in summary)
+    text = headroom.markdown(rows, summary)
+    assert "| random embedding (seed 1) |" in text and "verdict" in text
+    raw = headroom.RawInput(r=8)
+    raw.bind(vit)
+    headroom.use_policy(vit, raw)
+    with torch.no_grad():
+        vit(batches[0][0])
+    assert raw.state.tokens == [57, 49, 41]  # 65 tokens, 8 merged per block
