@@ -8,7 +8,6 @@ import io
 import json
 import os
 import posixpath
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
@@ -144,12 +143,7 @@ class CaptionDataModule(BaseDataModule):
 
     def read_text(self, name: str) -> str:
         """A text file under ``root`` (a member name for zip roots); ``.gz`` files are decompressed."""
-        if self.tree.is_zip:
-            with zipfile.ZipFile(self.root) as zf:
-                data = zf.read(name)
-        else:
-            with open(os.path.join(self.root, name), "rb") as f:
-                data = f.read()
+        data = self.tree.read_bytes(name if self.tree.is_zip else os.path.join(self.root, name))
         if name.endswith(".gz"):
             data = gzip.decompress(data)
         return data.decode("utf-8")
@@ -181,8 +175,7 @@ class Flickr8kDataModule(CaptionDataModule):
 
     def read_splits(self) -> dict[str, list[Sample]]:
         if self.tree.is_zip:
-            with zipfile.ZipFile(self.root) as zf:
-                members = zf.namelist()
+            members = self.tree.members()
         else:
             members = [
                 os.path.relpath(os.path.join(d, f), self.root) for d, _, fs in os.walk(self.root) for f in fs

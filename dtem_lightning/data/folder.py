@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
+from dtem_lightning.data.store import DataRoot
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = ("train", "val", "test")
@@ -40,7 +39,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-class ImageTree:
+class ImageTree(DataRoot):
     """The ``<split>/<class>/**/<image>`` tree under a folder or inside a zip archive.
 
     Only names are scanned here; images are read by ``load``. A zip may hold the tree at its top level or inside one
@@ -55,24 +54,14 @@ class ImageTree:
     """
 
     def __init__(self, root: str | os.PathLike) -> None:
-        self.root = os.fspath(root)
-        if not os.path.exists(self.root):
-            raise FileNotFoundError(f"data root {self.root} does not exist")
-        self.is_zip = os.path.isfile(self.root)
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid = -1
+        super().__init__(root)
         self.prefix = ""  # zip only: folder wrapping the tree inside the archive
         self._index: dict[str, dict[str, list[str]]] = {}  # zip only: split -> class -> member names
         if self.is_zip:
-            if not zipfile.is_zipfile(self.root):
-                raise ValueError(
-                    f"data root {self.root} is a file but not a zip archive; pass a folder or a .zip"
-                )
             self._index_zip()
 
     def _index_zip(self) -> None:
-        with zipfile.ZipFile(self.root) as zf:
-            names = [n for n in zf.namelist() if not n.startswith("__MACOSX/")]
+        names = self.members()
         tops = {n.split("/", 1)[0] for n in names}
         if not tops & set(SPLITS) and len(tops) == 1:  # tree wrapped in one folder: data.zip/cifar/train/...
             self.prefix = tops.pop() + "/"
@@ -118,20 +107,7 @@ class ImageTree:
 
     def load(self, name: str) -> Image.Image:
         """Decode one image to RGB; raises whatever PIL or the archive raises for a bad file."""
-        if self.is_zip:
-            if self._zip is None or self._zip_pid != os.getpid():
-                self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-            fp: io.IOBase | str = io.BytesIO(self._zip.read(name))
-        else:
-            fp = name
-        with Image.open(fp) as img:
-            img.load()  # decode now, so truncated files fail here and not inside a transform
-            return to_rgb(img)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_zip"], state["_zip_pid"] = None, -1
-        return state
+        return to_rgb(self.open_image(name))
 
 
 def _is_image(name: str) -> bool:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
 import os
 import random
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import PurePosixPath
 
@@ -17,6 +15,7 @@ from torch.utils.data import Dataset
 
 from dtem_lightning.data.base import BaseDataModule
 from dtem_lightning.data.folder import IMG_EXTENSIONS, to_rgb
+from dtem_lightning.data.store import DataRoot
 
 IGNORE_INDEX = 255  # every data module maps its dataset's void/ignore value to this label
 CAMVID_CLASSES = (
@@ -50,7 +49,7 @@ def colorize(label: np.ndarray, palette: Sequence[tuple[int, int, int]]) -> Imag
     return Image.fromarray(lut[np.clip(label, 0, 255).astype(np.uint8)])
 
 
-class FileStore:
+class FileStore(DataRoot):
     """Files under a folder or inside a zip archive (optionally wrapped in one top-level folder).
 
     Each process opens its own zip handle (loader workers must not share a file offset).
@@ -64,21 +63,10 @@ class FileStore:
     """
 
     def __init__(self, root: str | os.PathLike, anchor: str) -> None:
-        self.root = os.fspath(root)
-        if not os.path.exists(self.root):
-            raise FileNotFoundError(f"data root {self.root} does not exist")
-        self.is_zip = os.path.isfile(self.root)
+        super().__init__(root)
         self.prefix = ""
-        self._names: list[str] = []
-        self._zip: zipfile.ZipFile | None = None
-        self._zip_pid = -1
+        self._names: list[str] = self.members() if self.is_zip else []
         if self.is_zip:
-            if not zipfile.is_zipfile(self.root):
-                raise ValueError(f"data root {self.root} is a file but not a zip archive")
-            with zipfile.ZipFile(self.root) as zf:
-                self._names = [
-                    n for n in zf.namelist() if not n.startswith("__MACOSX/") and not n.endswith("/")
-                ]
             tops = {n.split("/", 1)[0] for n in self._names}
             first = anchor.split("/", 1)[0]
             if first not in tops and len(tops) == 1:
@@ -107,20 +95,7 @@ class FileStore:
 
     def open(self, name: str) -> Image.Image:
         """Decode one image (mode unchanged)."""
-        if self.is_zip:
-            if self._zip is None or self._zip_pid != os.getpid():
-                self._zip, self._zip_pid = zipfile.ZipFile(self.root), os.getpid()
-            fp: io.IOBase | str = io.BytesIO(self._zip.read(name))
-        else:
-            fp = name
-        with Image.open(fp) as img:
-            img.load()
-            return img
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_zip"], state["_zip_pid"] = None, -1
-        return state
+        return self.open_image(name)
 
 
 def _resize_pair(
