@@ -167,3 +167,17 @@ def test_fit_test_predict_writes_sweep_and_pngs(tmp_path):
     pngs = sorted(tmp_path.rglob("predictions/*.png"))
     assert len(pngs) == 2
     assert Image.open(pngs[0]).size == (3 * 38 + 8, 32)  # image | ground truth | prediction
+
+
+def test_out_of_range_label_fails_naming_file_and_value(tmp_path):
+    """A label value that is neither a class nor the ignore value is an error, not silently ignored."""
+    root = make_tree(tmp_path / "camvid", CAMVID_LAYOUT, n=2, top=12)  # values 0..11 (11 = ignore)
+    bad = Image.fromarray(np.full((40, 48), 42, dtype=np.uint8))
+    label_dir = tmp_path / "camvid" / "trainannot"
+    target = sorted(label_dir.iterdir())[0]
+    bad.save(target)
+    dm = CamVidDataModule(root, img_size=32, batch_size=2)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=rf"{target.name}: label values \[42\] are neither a class nor the ignore"):
+        for i in range(len(dm.train_dataset)):
+            dm.train_dataset[i]

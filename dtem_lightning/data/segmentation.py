@@ -141,12 +141,14 @@ class JointTransform:
         eval_size: int | None = None,
         label_map: np.ndarray | None = None,
         interpolation: int = Image.BILINEAR,
+        valid: np.ndarray | None = None,
     ) -> None:
         self.size, self.train, self.scale_range, self.eval_size = size, train, scale_range, eval_size
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.label_map = label_map if label_map is not None else np.arange(256, dtype=np.uint8)
         self.interpolation = interpolation
+        self.valid = valid  # bool [256]: label-file values that are a class or the ignore value
 
     def __call__(self, img: Image.Image, label: Image.Image) -> tuple[Tensor, Tensor]:
         if img.size != label.size:
@@ -162,7 +164,11 @@ class JointTransform:
             )
         x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
         x = (x - self.mean) / self.std
-        y = torch.from_numpy(self.label_map[np.asarray(label, dtype=np.uint8)].astype(np.int64))
+        raw = np.asarray(label, dtype=np.uint8)
+        if self.valid is not None and not self.valid[raw].all():
+            bad = sorted({int(v) for v in np.unique(raw) if not self.valid[v]})
+            raise ValueError(f"label values {bad[:8]} are neither a class nor the ignore value")
+        y = torch.from_numpy(self.label_map[raw].astype(np.int64))
         if self.train:
             x, y = self._crop(x, y)
             if random.random() < 0.5:
@@ -220,7 +226,10 @@ class SegmentationDataset(Dataset):
         label = self.store.open(label_name)
         if label.mode not in ("L", "P"):
             raise ValueError(f"label map {label_name} has mode {label.mode}; expected 8-bit (L or P)")
-        return self.transform(img, label)
+        try:
+            return self.transform(img, label)
+        except ValueError as e:
+            raise ValueError(f"label map {label_name}: {e} (check num_classes / ignore_index)") from e
 
 
 class SegmentationDataModule(BaseDataModule):
@@ -299,6 +308,12 @@ class SegmentationDataModule(BaseDataModule):
         lut[self.ignore_index] = IGNORE_INDEX
         return lut
 
+    def valid_labels(self) -> np.ndarray:
+        """bool [256]: label-file values that map to a class, or are the ignore value; others are an error."""
+        valid = self.label_lut() != IGNORE_INDEX
+        valid[self.ignore_index] = True
+        return valid
+
     def pairs(self, split: str) -> list[tuple[str, str]]:
         """(image, label) names of ``split``, matched by file stem, sorted and optionally thinned."""
         img_dir, label_dir = self.layout[split]
@@ -330,6 +345,7 @@ class SegmentationDataModule(BaseDataModule):
             self.eval_size,
             self.label_lut(),
             interp,
+            self.valid_labels(),
         )
 
     def _dataset(self, split: str, train: bool) -> SegmentationDataset:
