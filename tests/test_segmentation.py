@@ -178,6 +178,8 @@ def test_out_of_range_label_fails_naming_file_and_value(tmp_path):
     bad.save(target)
     dm = CamVidDataModule(root, img_size=32, batch_size=2)
     dm.setup("fit")
-    with pytest.raises(ValueError, match=rf"{target.name}: label values \[42\] are neither a class nor the ignore"):
+    with pytest.raises(
+        ValueError, match=rf"{target.name}: label values \[42\] are neither a class nor the ignore"
+    ):
         for i in range(len(dm.train_dataset)):
             dm.train_dataset[i]
