@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -81,6 +82,21 @@ class DTEMCLI(LightningCLI):
         self._subcommand_parsers[subcommand].set_defaults(
             {"model": {"class_path": class_path, "init_args": hparams}}
         )
+
+    def after_instantiate_classes(self) -> None:
+        """Refuse a ``num_classes`` given for the model that contradicts the data (the link would hide it)."""
+        super().after_instantiate_classes()
+        cfg = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        init = cfg.get("model", {}).get("init_args", {}) or {}
+        given, data_value = init.get("num_classes"), getattr(self.datamodule, "num_classes", None)
+        default = inspect.signature(type(self.model).__init__).parameters.get("num_classes")
+        if given is None or data_value is None or default is None or given == default.default:
+            return
+        if given != data_value:
+            raise ValueError(
+                f"num_classes={given} contradicts the data, which has {data_value} classes; drop the setting "
+                "(it is taken from the data module)"
+            )
 
     def _parse_ckpt_path(self) -> None:
         """Lightning re-applies checkpoint hparams over the parsed config here; ours are defaults already."""
