@@ -32,13 +32,40 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_sweep(rows: list[dict[str, Any]], out_dir: Path, metric: str | None = None) -> tuple[Path, Path]:
-    """Write ``sweep.csv`` and ``tradeoff.png`` (``metric`` vs GFLOPs, one curve per policy) to ``out_dir``."""
+def plot_tradeoff(
+    curves: dict[str, list[tuple[float, float, object]]], out: Path, ylabel: str, stars: tuple[str, ...] = ()
+) -> Path:
+    """Plot ``ylabel`` vs GFLOPs: one line per curve (label -> (gflops, value, r) points, annotated with r);
+    labels in ``stars`` (e.g. published numbers) are drawn as unannotated stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for label, pts in curves.items():
+        pts = sorted(p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1])))
+        if not pts:
+            continue
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if label in stars:
+            ax.plot(xs, ys, "*", ms=10, label=label)
+            continue
+        ax.plot(xs, ys, marker="o", label=label)
+        for g, m, r in pts:
+            ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("GFLOPs (GMACs per image)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def write_sweep(rows: list[dict[str, Any]], out_dir: Path, metric: str | None = None) -> tuple[Path, Path]:
+    """Write ``sweep.csv`` and ``tradeoff.png`` (``metric`` vs GFLOPs, one curve per policy) to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = FIXED_COLUMNS + [c for c in rows[0] if c not in FIXED_COLUMNS]
     csv_path = out_dir / "sweep.csv"
@@ -47,22 +74,10 @@ def write_sweep(rows: list[dict[str, Any]], out_dir: Path, metric: str | None = 
         writer.writeheader()
         writer.writerows(rows)
     metric = metric or cols[len(FIXED_COLUMNS)]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for policy in dict.fromkeys(r["policy"] for r in rows):
-        pts = sorted((r["gflops"], r[metric], r["r"]) for r in rows if r["policy"] == policy)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-        for g, m, r in pts:
-            if not (math.isnan(g) or math.isnan(m)):
-                ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("GFLOPs (GMACs per image)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    png_path = out_dir / "tradeoff.png"
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
-    return csv_path, png_path
+    curves: dict[str, list[tuple[float, float, object]]] = {}
+    for r in rows:
+        curves.setdefault(r["policy"], []).append((r["gflops"], r[metric], r["r"]))
+    return csv_path, plot_tradeoff(curves, out_dir / "tradeoff.png", metric)
 
 
 class SweepWriter(L.Callback):

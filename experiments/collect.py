@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+from dtem_lightning.callbacks import plot_tradeoff
+
 FIXED = ["policy", "r", "gflops", "tokens"]
 
 # Published numbers (DESIGN.md section 3), accuracies as fractions like the sweeps. r is empty where the paper
@@ -140,37 +142,19 @@ def markdown(rows: list[dict[str, object]], cols: list[str]) -> str:
 
 def plot(rows: list[dict[str, object]], out: Path, metric: str = "acc1") -> Path:
     """``metric`` vs GFLOPs: one line per (run, policy) of measured rows, stars for published rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     runs = {r["run"] for r in rows if r["run"] != "published"}
-    groups = dict.fromkeys((r["run"], r["policy"]) for r in rows)
-    for run, policy in groups:
-        pts = sorted(
-            (float(r["gflops"]), float(r[metric]), r["r"])
-            for r in rows
-            if (r["run"], r["policy"]) == (run, policy) and r.get(metric, "") != ""
-        )
-        if not pts:
+    curves: dict[str, list[tuple[float, float, object]]] = {}
+    stars = []
+    for r in rows:
+        if r.get(metric, "") == "":
             continue
-        label = policy if len(runs) <= 1 else f"{run}: {policy}"
-        if run == "published":
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "*", ms=10, label=f"{policy} (published)")
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        for g, m, r in pts:
-            ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("GFLOPs (GMACs per image)")
-    ax.set_ylabel(metric)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+        if r["run"] == "published":
+            label = f"{r['policy']} (published)"
+            stars.append(label)
+        else:
+            label = r["policy"] if len(runs) <= 1 else f"{r['run']}: {r['policy']}"
+        curves.setdefault(str(label), []).append((float(r["gflops"]), float(r[metric]), r["r"]))
+    return plot_tradeoff(curves, out, metric, tuple(stars))
 
 
 def collect(
