@@ -42,10 +42,8 @@ def main() -> None:
         for r in args.r:
             with policy.reduce(r):
                 caps = task.generate(images[: args.n])
-            print(
-                f"## {type(policy).__name__} r={r} ({policy.token_counts(task.num_input_tokens(images.shape[1:]))[-1]} "
-                "visual tokens)"
-            )
+                tokens = policy.token_counts(task.num_input_tokens(tuple(images.shape[1:])))[-1]
+            print(f"## {type(policy).__name__} r={r} ({tokens} visual tokens)")
             for i, cap in enumerate(caps):
                 print(f"- image {i}: **{cap}**\n  references: " + " | ".join(refs[i]))
 
