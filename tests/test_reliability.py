@@ -35,7 +35,10 @@ CATALOGUE = {
     "missing_checkpoint": (["--model.init_args.checkpoint_path=/nope/w.safetensors"], "/nope/w.safetensors"),
     "img_size_not_divisible": (["--data.init_args.img_size=30"], "not divisible by the patch size"),
     "missing_data_root": (["--data.init_args.root=/nope/data"], "/nope/data"),
-    "num_classes_contradicts_data": (["--model.init_args.num_classes=5"], "num_classes=5 contradicts the data"),
+    "num_classes_contradicts_data": (
+        ["--model.init_args.num_classes=5"],
+        "num_classes=5 contradicts the data",
+    ),
 }
 
 
