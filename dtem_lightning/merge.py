@@ -127,9 +127,10 @@ def merge_weighted(merge: MergeFn, x: Tensor, size: Tensor) -> tuple[Tensor, Ten
     Returns:
         merged features [B, N - r, C] and sizes [B, N - r, 1].
     """
-    new_size = merge(size, "sum")
-    x = merge(x * size, "sum") / new_size
-    return x, new_size
+    # One scatter for features and sizes together (sizes ride along as an extra channel).
+    merged = merge(torch.cat([x * size, size.to(x.dtype)], dim=-1), "sum")
+    new_size = merged[..., -1:]
+    return merged[..., :-1] / new_size, new_size
 
 
 def soft_grouping(
