@@ -229,3 +229,16 @@ def unmerge_tokens(x: Tensor, source: Tensor) -> Tensor:
     """
     share = source.transpose(1, 2).to(x.dtype)  # [B, N0, n]
     return (share @ x) / share.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+def patch_groups(source: Tensor, num_prefix: int) -> Tensor:
+    """Index of the token each input patch ended up in (for pictures of merge groups).
+
+    Args:
+        source: [B, n, N0] source map (hard merging: one 1 per column).
+        num_prefix: prefix tokens at the start of both axes.
+
+    Returns:
+        [B, N0 - num_prefix] long; patches with the same value were merged into one token.
+    """
+    return source[:, :, num_prefix:].argmax(dim=1)

@@ -174,3 +174,22 @@ def test_headroom_on_tiny_model(tmp_path):
     with torch.no_grad():
         vit(batches[0][0])
     assert raw.state.tokens == [57, 49, 41]  # 65 tokens, 8 merged per block
+
+
+def test_visualize_merges_writes_png(tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (40, 36), (200, 30, 30)).save(tmp_path / "a.png")
+    kwargs = '{"img_size": 32, "patch_size": 4, "depth": 2, "embed_dim": 48, "num_heads": 2}'
+    script = Path(__file__).resolve().parents[1] / "experiments" / "visualize_merges.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a.png"), "--out", str(tmp_path / "m.png"),
+         "--backbone", "vit_tiny_patch16_224", "--backbone_kwargs", kwargs, "--r", "4", "16"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with Image.open(tmp_path / "m.png") as img:
+        assert img.size == (32 * 3, 32)  # image + one panel per r

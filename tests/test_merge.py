@@ -152,3 +152,13 @@ def test_clamp_straight_through():
     assert out.tolist() == [0.0, pytest.approx(0.3), 1.0]
     out.sum().backward()
     assert v.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_patch_groups_from_source_map():
+    metric = torch.randn(2, 17, 4)
+    merge, _ = M.bipartite_matching(metric, 5, 1)
+    source = merge(torch.eye(17).expand(2, 17, 17).clone(), "sum")
+    groups = M.patch_groups(source, 1)
+    assert groups.shape == (2, 16)
+    assert all(len(set(g.tolist())) == 16 - 5 for g in groups)  # 16 patches in 11 tokens
+    assert torch.equal(M.patch_groups(torch.eye(5)[None], 1), torch.tensor([[1, 2, 3, 4]]))
