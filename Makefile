@@ -162,7 +162,7 @@ e2e-deit-s: ## End-to-end DTEM on DeiT-S (appendix Table 14 style, 100 epochs)
 CAMVID_RUN := runs/camvid_small/make
 CAMVID_ARGS := -c configs/camvid_small.yaml --trainer.logger.init_args.version=make
 
-camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~15 min, 2 CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make
+camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~3 min on 2 idle CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make
 	$(BIN)/dtem fit $(CAMVID_ARGS)
 	$(BIN)/dtem test $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt
 	$(BIN)/dtem predict $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt --trainer.limit_predict_batches=2
@@ -170,6 +170,6 @@ camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~15 min, 2 
 CAPTION_RUN := runs/flickr8k_small/make
 CAPTION_ARGS := -c configs/flickr8k_small.yaml --trainer.logger.init_args.version=make
 
-caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (2 CPU cores), r-sweep in runs/flickr8k_small/make
+caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (~12 min on 2 idle CPU cores), r-sweep in runs/flickr8k_small/make
 	$(BIN)/dtem fit $(CAPTION_ARGS)
 	$(BIN)/dtem test $(CAPTION_ARGS) --ckpt_path=$(CAPTION_RUN)/checkpoints/last.ckpt
