@@ -81,7 +81,7 @@ def apply_policy(vit: nn.Module, policy: MergePolicy) -> nn.Module:
     """
     if not isinstance(vit, VisionTransformer):
         raise _unsupported(f"model class {type(vit).__name__}")
-    if isinstance(vit, MergeVisionTransformer) or getattr(policy, "depth", 0):
+    if isinstance(vit, MergeVisionTransformer) or policy.bound:
         raise RuntimeError(
             f"a merge policy is already applied to this {type(vit).__name__} (or policy bound)"
         )

@@ -8,7 +8,8 @@ import pickle
 import random
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,7 @@ class BaseTask(L.LightningModule):
                 f"(epoch {self.current_epoch}, batch {batch_idx}); the last checkpoint is kept"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
-        if self.policy.state.tokens and isinstance(batch, Sequence):
+        if self.policy.state.tokens:
             self.log(
                 "train/tokens", float(self.policy.state.tokens[-1]), batch_size=self.batch_size_of(batch)
             )
@@ -285,14 +286,10 @@ class BaseTask(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         if self._input_size is None:
             self._input_size = self.input_size_of(batch)
-        try:
-            for i, _, policy, r in self.sweep():
-                use_policy(self.backbone, policy)
-                with policy.reduce(r):
-                    preds, target = self.evaluate(batch)
-                self.test_metrics[f"p{i}_r{r}"].update(preds, target)
-        finally:
-            use_policy(self.backbone, self.policy)
+        for i, _, policy, r in self.sweep():
+            with self.running(policy, r):
+                preds, target = self.evaluate(batch)
+            self.test_metrics[f"p{i}_r{r}"].update(preds, target)
 
     def on_test_epoch_end(self) -> None:
         self.sweep_results = []
@@ -300,15 +297,25 @@ class BaseTask(L.LightningModule):
             computed = self.test_metrics[f"p{i}_r{r}"].compute()
             values = {k: float(v) for k, v in computed.items() if v.numel() == 1}  # scalar columns only
             self.test_metrics[f"p{i}_r{r}"].reset()
-            use_policy(self.backbone, policy)
-            with policy.reduce(r):
-                gf = self.gmacs(self._input_size) if self._input_size else float("nan")
-                tokens = policy.token_counts(self.num_input_tokens(self._input_size))[-1]
-            use_policy(self.backbone, self.policy)
+            gf, tokens = float("nan"), -1  # no test batch seen: nothing to size the model with
+            if self._input_size is not None:
+                with self.running(policy, r):
+                    gf = self.gmacs(self._input_size)
+                    tokens = policy.token_counts(self.num_input_tokens(self._input_size))[-1]
             prefix = "test" if i == 0 else f"test/{label}"
             for k, v in {**values, "gflops": gf}.items():
                 self.log(f"{prefix}/{k}/r{r}", v, sync_dist=False, rank_zero_only=True)
             self.sweep_results.append({"policy": label, "r": r, "gflops": gf, "tokens": tokens, **values})
+
+    @contextmanager
+    def running(self, policy: MergePolicy, r: int) -> Iterator[None]:
+        """Run the backbone with ``policy`` at reduction ``r``; the task's own policy is back afterwards."""
+        use_policy(self.backbone, policy)
+        try:
+            with policy.reduce(r):
+                yield
+        finally:
+            use_policy(self.backbone, self.policy)
 
     def batch_size_of(self, batch: Any) -> int:
         return len(batch[0])
