@@ -95,7 +95,7 @@ replicate-small: data-cifar10 ## Headroom check, patch-2 ViT pretraining, DTEM t
 		--data.init_args.root=$(CIFAR10) --trainer.accelerator=$(ACCELERATOR) --trainer.precision=$(PRECISION) \
 		--trainer.logger.init_args.version=run $(RESUME_ARG)
 	$(PY) experiments/export_backbone.py runs/replicate_small_pretrain/run/checkpoints/last.ckpt $(P2_WEIGHTS)
-	$(PY) experiments/headroom.py --backbone-kwargs '{"patch_size": 2, "depth": 8}' --checkpoint-path $(P2_WEIGHTS) \
+	$(PY) experiments/headroom.py --backbone-kwargs '{"patch_size": 2, "depth": 6, "embed_dim": 96, "num_heads": 2}' --checkpoint-path $(P2_WEIGHTS) \
 		--root $(CIFAR10) --split val --r 16 24 28 --out $(REPL_RESULTS)/headroom.md
 	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
 		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \

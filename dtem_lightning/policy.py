@@ -207,6 +207,9 @@ class DTEMHard(MergePolicy):
 
     Args:
         embed_dim: embedding width; None gives the head dim (twice it when the ViT is 1024 wide or more).
+        order: token order after a hard merge: ``tome`` (unmerged sources, then destinations, as ToMe) or
+            ``size`` (patch tokens re-sorted by size, largest first, as :class:`DTEMSoft` orders them in
+            training, so the next block's alternating split pairs the same kind of tokens in both regimes).
     """
 
     def __init__(
@@ -215,9 +218,13 @@ class DTEMHard(MergePolicy):
         prop_attn: PropAttn = True,
         trace_source: bool = False,
         embed_dim: int | None = None,
+        order: str = "tome",
     ) -> None:
         super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        if order not in ("tome", "size"):
+            raise ValueError(f"order must be 'tome' or 'size', got {order!r}")
         self.embed_dim = embed_dim
+        self.order = order
         self.embed = nn.ModuleList()
 
     def bind(self, vit: nn.Module) -> None:
@@ -231,6 +238,29 @@ class DTEMHard(MergePolicy):
 
     def metric(self, layer: int, u: Tensor) -> Tensor | None:
         return self.embed[layer](u.detach())
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        n = x.shape[1]
+        x = super().merge(layer, x, metric)
+        if self.order == "size" and x.shape[1] < n:
+            x = self._sort_by_size(x, x.shape[1])
+        return x
+
+    def _sort_by_size(self, x: Tensor, n: int) -> Tensor:
+        """Re-sort patch tokens ``P..n`` of x [B, N, C] (with sizes and sources) by size, largest first, stably."""
+        st, P = self.state, self.num_prefix
+        size = self.size(x)
+        order = size[:, P:n, 0].argsort(dim=1, descending=True, stable=True) + P
+        head = torch.arange(P, device=x.device).expand(x.shape[0], P)
+        tail = torch.arange(n, x.shape[1], device=x.device).expand(x.shape[0], -1)
+        perm = torch.cat([head, order, tail], dim=1)  # [B, N]
+        st.size = size.gather(1, perm[..., None])
+        if st.source is not None:
+            st.source = st.source.gather(1, perm[..., None].expand_as(st.source))
+        return x.gather(1, perm[..., None].expand_as(x))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, order={self.order}"
 
 
 class DTEMSoft(DTEMHard):
@@ -252,11 +282,14 @@ class DTEMSoft(DTEMHard):
         prop_attn: PropAttn = True,
         trace_source: bool = False,
         embed_dim: int | None = None,
+        order: str = "tome",
         k: int = 3,
         tau1: float = 0.1,
         tau2: float = 0.1,
     ) -> None:
-        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim)
+        super().__init__(
+            r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim, order=order
+        )
         if k < 1 or tau1 <= 0 or tau2 <= 0:
             raise ValueError(f"need k >= 1 and positive temperatures, got k={k}, tau1={tau1}, tau2={tau2}")
         self.k, self.tau1, self.tau2 = k, tau1, tau2
@@ -288,14 +321,8 @@ class DTEMSoft(DTEMHard):
         if st.source is not None:
             st.source = M.soft_merge_sources(st.source, w, src_idx, dst_idx)
         # Re-sort the active patch tokens by size (largest first): depleted sources drop out of the active set.
-        order = size[:, P:n, 0].argsort(dim=1, descending=True, stable=True) + P
-        head = torch.arange(P, device=x.device).expand(x.shape[0], P)
-        tail = torch.arange(n, x.shape[1], device=x.device).expand(x.shape[0], -1)
-        perm = torch.cat([head, order, tail], dim=1)  # [B, N]
-        x = x.gather(1, perm[..., None].expand_as(x))
-        st.size = size.gather(1, perm[..., None])
-        if st.source is not None:
-            st.source = st.source.gather(1, perm[..., None].expand_as(st.source))
+        st.size = size
+        x = self._sort_by_size(x, n)
         st.active = n - r
         st.tokens.append(st.active)
         return x.to(dtype)

@@ -15,6 +15,12 @@ from torchmetrics import Metric
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
+# Function words no image shows; they are not visual concepts (CaptioningTask's word-tagging loss skips them).
+STOPWORDS = frozenset(
+    "a an the is are was were be been being of in on at to into onto by with for from up down out over under "
+    "and or but while as its it 's their his her he she they them this that these those there here some one "
+    "who which what near next front other another each".split()
+)
 
 # Words, numbers and English clitics ('s, 're, n't ...) as the Penn Treebank tokenizer splits them; punctuation is
 # dropped, as the COCO evaluation's PTBTokenizer does before scoring.
@@ -68,6 +74,18 @@ class Vocabulary:
             if i >= len(SPECIALS):
                 out.append(self.itos[i])
         return " ".join(out)
+
+    def concept_mask(self) -> Tensor:
+        """[V] bool: the words that can name something in an image (not special, not in :data:`STOPWORDS`)."""
+        return torch.tensor([i >= len(SPECIALS) and w not in STOPWORDS for i, w in enumerate(self.itos)])
+
+    def bag_of_words(self, captions: Sequence[Sequence[str]]) -> Tensor:
+        """[B, V] float multi-hot: which words occur in any of each image's captions (unknown words skipped)."""
+        out = torch.zeros(len(captions), len(self))
+        for i, caps in enumerate(captions):
+            ids = {j for c in caps for j in self.encode(c) if j != self.unk}
+            out[i, list(ids)] = 1.0
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-Python state (stored in Lightning checkpoints; loads with ``weights_only=True``)."""

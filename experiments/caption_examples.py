@@ -1,7 +1,10 @@
 """Print captions of a trained CaptioningTask checkpoint next to their references, at several reduction rates.
 
 Usage: python experiments/caption_examples.py CKPT --root FLICKR_OR_COCO_ROOT [--n 3] [--r 0 8] [--policy ToMe]
-Reads the first ``--n`` test images of a Flickr8k root (``--coco`` for a Karpathy/COCO root).
+Prints the first ``--n`` test images of a Flickr8k root (``--coco`` for a Karpathy/COCO root). With ``--grounding``
+it captions the whole test split and prints whether the captions are about their own image: CIDEr-D and the share
+of content words found in the references, against the image's own references and against those of another image
+(the test split shifted by one). Generic captions score the same on both.
 """
 
 from __future__ import annotations
@@ -14,6 +17,31 @@ from dtem_lightning import policy as policies
 from dtem_lightning.data import CocoCaptionDataModule, Flickr8kDataModule
 from dtem_lightning.patch import use_policy
 from dtem_lightning.tasks import CaptioningTask
+from dtem_lightning.text import STOPWORDS, cider_d, tokenize
+
+
+def word_precision(caps: list[str], refs: list[list[str]]) -> float:
+    """Share of the captions' content words (not in STOPWORDS) that occur in the paired references."""
+    hits = total = 0
+    for cap, rs in zip(caps, refs, strict=True):
+        ref_words = {w for r in rs for w in tokenize(r)}
+        words = [w for w in tokenize(cap) if w not in STOPWORDS]
+        hits += sum(w in ref_words for w in words)
+        total += len(words)
+    return hits / max(total, 1)
+
+
+def grounding(caps: list[str], refs: list[list[str]]) -> str:
+    """One line comparing the captions with their own and with another image's references."""
+    other = refs[1:] + refs[:1]
+    cands = [tokenize(c) for c in caps]
+    own_c = cider_d(cands, [[tokenize(r) for r in rs] for rs in refs])
+    other_c = cider_d(cands, [[tokenize(r) for r in rs] for rs in other])
+    return (
+        f"grounding on {len(caps)} test images: CIDEr-D {own_c:.3f} with their own references vs {other_c:.3f} "
+        f"with another image's; content words in the references {100 * word_precision(caps, refs):.1f} % vs "
+        f"{100 * word_precision(caps, other):.1f} %; {len(set(caps))} distinct captions"
+    )
 
 
 def main() -> None:
@@ -24,6 +52,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=3)
     p.add_argument("--r", type=int, nargs="+", default=[0])
     p.add_argument("--policy", default=None, help="evaluate with a fresh policy of this class instead")
+    p.add_argument(
+        "--grounding", action="store_true", help="caption the whole test split, print the grounding line"
+    )
     args = p.parse_args()
 
     task = CaptioningTask.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=True).eval()
@@ -34,18 +65,24 @@ def main() -> None:
         use_policy(task.backbone, policy)
     dm_cls = CocoCaptionDataModule if args.coco else Flickr8kDataModule
     dm = dm_cls(
-        root=args.root, img_size=task.hparams.img_size, backbone=task.hparams.backbone, batch_size=args.n
+        root=args.root,
+        img_size=task.hparams.img_size,
+        backbone=task.hparams.backbone,
+        batch_size=max(args.n, 50),
     )
     dm.setup("test")
-    images, refs = next(iter(dm.test_dataloader()))
+    batches = list(dm.test_dataloader()) if args.grounding else [next(iter(dm.test_dataloader()))]
+    refs = [list(rs) for _, b in batches for rs in b]
     with torch.no_grad():
         for r in args.r:
             with policy.reduce(r):
-                caps = task.generate(images[: args.n])
-                tokens = policy.token_counts(task.num_input_tokens(tuple(images.shape[1:])))[-1]
+                caps = [c for images, _ in batches for c in task.generate(images)]
+                tokens = policy.token_counts(task.num_input_tokens(tuple(batches[0][0].shape[1:])))[-1]
             print(f"## {type(policy).__name__} r={r} ({tokens} visual tokens)")
-            for i, cap in enumerate(caps):
+            for i, cap in enumerate(caps[: args.n]):
                 print(f"- image {i}: **{cap}**\n  references: " + " | ".join(refs[i]))
+            if args.grounding:
+                print(grounding(caps, refs))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dtem_lightning.patch import apply_policy, use_policy
+from dtem_lightning.patch import MergeVisionTransformer, apply_policy, use_policy
 from dtem_lightning.policy import DTEMHard, MergePolicy, NoMerge, ToMe
 
 
@@ -23,9 +23,13 @@ class RawInput(MergePolicy):
         return u
 
 
-def candidate_policies(vit: nn.Module, seeds: int) -> list[tuple[str, MergePolicy]]:
+def candidate_policies(
+    vit: nn.Module, seeds: int, trained: dict[str, Tensor] | None = None
+) -> list[tuple[str, MergePolicy]]:
     """Bind NoMerge, ToMe, ``seeds`` untrained DTEM embeddings (seeds 0..seeds-1) and RawInput to ``vit``.
 
+    With ``trained`` (a DTEM policy state dict, ``embed.*``), the trained embedding is added twice, with
+    ToMe's token order and with tokens sorted by size (``DTEMHard.order``): the validation check of a training.
     ``vit`` gets patched with the first policy (NoMerge) when it is not patched yet.
     """
     pols: list[tuple[str, MergePolicy]] = [("NoMerge", NoMerge()), ("ToMe (keys)", ToMe())]
@@ -33,15 +37,35 @@ def candidate_policies(vit: nn.Module, seeds: int) -> list[tuple[str, MergePolic
         torch.manual_seed(s)
         pols.append((f"random embedding (seed {s})", DTEMHard()))
     pols.append(("raw block input", RawInput()))
-    apply_policy(vit, pols[0][1])
-    for _, p in pols[1:]:
+    if trained is not None:
+        pols += [(f"trained embedding (order {o})", DTEMHard(order=o)) for o in ("tome", "size")]
+    if isinstance(vit, MergeVisionTransformer):
+        pols[0][1].bind(vit)
+    else:
+        apply_policy(vit, pols[0][1])
+    for name, p in pols[1:]:
         p.bind(vit)
+        if name.startswith("trained"):
+            p.load_state_dict(trained)
     return pols
+
+
+def trained_embedding(ckpt_path: str) -> dict[str, Tensor]:
+    """The ``policy.embed.*`` tensors of a DTEM training checkpoint (Lightning ``.ckpt``), prefix removed."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    out = {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.embed.")}
+    if not out:
+        raise ValueError(f"{ckpt_path} holds no DTEM embedding (no policy.embed.* tensors)")
+    return out
 
 
 @torch.inference_mode()
 def evaluate(
-    vit: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], rs: list[int], seeds: int = 5
+    vit: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    rs: list[int],
+    seeds: int = 5,
+    trained: dict[str, Tensor] | None = None,
 ) -> list[dict[str, object]]:
     """Top-1 of every candidate metric at every r, in one pass over ``batches``.
 
@@ -50,12 +74,13 @@ def evaluate(
         batches: (images [B, 3, H, W], labels [B]) pairs.
         rs: reduction rates to evaluate.
         seeds: number of random untrained embeddings.
+        trained: a trained DTEM embedding to add (see :func:`candidate_policies`).
 
     Returns:
         Rows ``{"metric", "r", "acc1", "n"}`` (NoMerge once, at r = 0); accuracies in percent.
     """
     vit.eval()
-    pols = candidate_policies(vit, seeds)
+    pols = candidate_policies(vit, seeds, trained)
     jobs = [(name, p, r) for name, p in pols for r in ([0] if isinstance(p, NoMerge) else rs)]
     correct = [0] * len(jobs)
     n = 0
@@ -140,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--max-per-class", type=int, default=None, help="fewer images per class (quick runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--embedding", help="a DTEM training checkpoint (.ckpt): add its trained embedding as rows"
+    )
     ap.add_argument("--out", type=Path, help="write the Markdown tables here (and rows as .json beside it)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -168,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     dm.setup("validate" if args.split == "val" else "test")
     loader = dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
     folder = dm.val_split if args.split == "val" else dm.test_split
-    rows = evaluate(vit, loader, args.r, args.seeds)
+    trained = trained_embedding(args.embedding) if args.embedding else None
+    rows = evaluate(vit, loader, args.r, args.seeds, trained)
     text = markdown(rows, summarize(rows))
     header = f"Headroom check: {args.backbone} {kwargs}, weights {args.checkpoint_path}, split {folder}/ "
     header += f"({rows[0]['n']} images), top-1 %.\n\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import zipfile
 from pathlib import Path
 
@@ -158,6 +159,41 @@ def test_training_step_learns_and_freezes(tmp_path):
     assert task.training_loss(batch).requires_grad
     assert not any(p.requires_grad for p in task.backbone.parameters())
     assert task.gmacs((3, 32, 32)) > 0
+
+
+def test_bag_of_words_and_concept_mask():
+    vocab = Vocabulary.build(CAPTIONS, min_freq=1)
+    bow = vocab.bag_of_words([["A dog runs", "the zebra"], ["two dogs"]])
+    assert {vocab.itos[i] for i in bow[0].nonzero()[:, 0]} == {"a", "dog", "runs", "the"}  # zebra is unknown
+    assert {vocab.itos[i] for i in bow[1].nonzero()[:, 0]} == {"two", "dogs"}
+    concepts = {vocab.itos[i] for i in vocab.concept_mask().nonzero()[:, 0]}
+    assert {"dog", "grass", "red", "ball"} <= concepts and not {"a", "the", "on", "<bos>", "<unk>"} & concepts
+
+
+def test_concept_loss_trains_the_encoder_and_survives_a_vocabulary_change():
+    task = tiny_task(ToMe(r=4), concept_weight=0.5).train()
+    batch = (torch.randn(2, 3, 32, 32), [CAPTIONS[:2], CAPTIONS[2:]])
+    visual, size = task.encode(batch[0])
+    caption = task.caption_loss(visual, size, batch[1], 1)
+    concept = task.concept_loss(visual, size, batch[1])
+    # A linear head at init: BCE ~ log 2 per concept word, divided by the image's positive words.
+    assert concept > 0 and torch.isfinite(concept)
+    random.seed(0)
+    total = task.training_loss(batch)
+    random.seed(0)
+    task.hparams.concept_weight = 0.0
+    off = task.training_loss(batch)
+    task.hparams.concept_weight = 0.5
+    assert float(total) > float(off)  # the tagging term is added (captions sampled the same way)
+    total.backward()
+    assert task.concept_head.weight.grad is not None
+    assert task.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    task.set_vocab(Vocabulary(["dog", "cat"]))
+    assert task.concept_head.out_features == len(task.vocab) == 6
+    assert tiny_task().concept_head is None  # off by default: no extra parameters, GIT's loss only
+    with pytest.raises(ValueError, match="concept_weight"):
+        tiny_task(concept_weight=-1.0)
+    assert float(caption) > 0
 
 
 def test_split_by_name_is_deterministic():

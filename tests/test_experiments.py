@@ -175,6 +175,22 @@ def test_headroom_on_tiny_model(tmp_path):
         vit(batches[0][0])
     assert raw.state.tokens == [57, 49, 41]  # 65 tokens, 8 merged per block
 
+    # A DTEM training checkpoint adds its embedding twice (ToMe order, size order); seed 0's weights reproduce
+    # the "random embedding (seed 0)" row with ToMe's order.
+    torch.manual_seed(0)
+    emb = headroom.DTEMHard()
+    emb.bind(vit)
+    ckpt = tmp_path / "dtem.ckpt"
+    torch.save({"state_dict": {f"policy.{k}": v for k, v in emb.state_dict().items()}}, ckpt)
+    trained = headroom.trained_embedding(str(ckpt))
+    rows = headroom.evaluate(vit, batches, rs=[8], seeds=1, trained=trained)
+    acc = {r["metric"]: r["acc1"] for r in rows if r["r"] == 8}
+    assert acc["trained embedding (order tome)"] == acc["random embedding (seed 0)"]
+    assert "trained embedding (order size)" in acc
+    torch.save({"state_dict": {"backbone.x": torch.zeros(1)}}, ckpt)
+    with pytest.raises(ValueError, match="no DTEM embedding"):
+        headroom.trained_embedding(str(ckpt))
+
 
 def test_visualize_merges_writes_png(tmp_path):
     import subprocess

@@ -317,3 +317,38 @@ def test_capped_r_warns_once():
         model(torch.randn(1, 3, 32, 32))  # same setting: no second warning
         with policy.reduce(20):  # late-block capping is the normal rule: silent
             model(torch.randn(1, 3, 32, 32))
+
+
+def test_hard_order_by_size():
+    """order="size" re-sorts merged tokens by size; it changes nothing when only the last block merges."""
+    x = torch.randn(2, 3, 32, 32)
+    outs, maps = {}, {}
+    for order in ("tome", "size"):
+        torch.manual_seed(1)
+        model = tiny_vit()
+        policy = DTEMHard(r=[0, 0, 0, 12], order=order, trace_source=True)
+        apply_policy(model, policy)
+        with torch.no_grad():
+            feats = model.forward_features(x)
+            outs[order] = model.forward_head(feats)
+            maps[order] = policy.unmerge(feats)
+        sizes = policy.state.size[:, 1:, 0]
+        if order == "size":
+            assert (sizes[:, :-1] >= sizes[:, 1:]).all()
+        else:
+            assert not (sizes[:, :-1] >= sizes[:, 1:]).all()  # ToMe's order: unmerged sources first
+    torch.testing.assert_close(outs["size"], outs["tome"])
+    torch.testing.assert_close(maps["size"], maps["tome"])  # sources follow the permutation
+
+    torch.manual_seed(1)
+    model = tiny_vit()
+    policy = DTEMHard(r=8, order="size")
+    apply_policy(model, policy)
+    with torch.no_grad():
+        model(x)
+    assert policy.state.tokens == [57, 49, 41, 33]
+    assert torch.equal(policy.state.size.sum(1), torch.full((2, 1), 65.0))
+    sizes = policy.state.size[:, 1:, 0]
+    assert (sizes[:, :-1] >= sizes[:, 1:]).all()
+    with pytest.raises(ValueError, match="order"):
+        DTEMHard(order="random")

@@ -165,6 +165,11 @@ class CaptioningTask(BaseTask):
         freeze_decoder: keep the decoder fixed (a pretrained captioner whose policy alone trains).
         use_meteor: METEOR column (pycocoevalcap + Java); None: when available.
         flops_text_len: text tokens of the decoder pass counted by :meth:`gmacs`.
+        concept_weight: weight of an auxiliary word-tagging loss (0: off, as in GIT): a linear head on the
+            size-weighted mean of the encoder tokens predicts which content words occur in any of the image's
+            reference captions (multi-label BCE, summed over words and divided by the image's number of content
+            words). It trains the encoder directly on what the image shows, which a captioner trained from
+            scratch on little data otherwise barely learns (its decoder settles on a few generic captions).
         **kwargs: see :class:`~dtem_lightning.tasks.base.BaseTask` (``freeze_backbone`` is the modular regime).
     """
 
@@ -185,8 +190,11 @@ class CaptioningTask(BaseTask):
         freeze_decoder: bool = False,
         use_meteor: bool | None = None,
         flops_text_len: int = 12,
+        concept_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
+        if concept_weight < 0:
+            raise ValueError(f"concept_weight must be >= 0, got {concept_weight}")
         if beam_size < 1 or max_len < 1 or captions_per_image < 1:
             raise ValueError(
                 f"beam_size, max_len and captions_per_image must be >= 1, got {beam_size}, {max_len}, "
@@ -207,6 +215,12 @@ class CaptioningTask(BaseTask):
         )
         if freeze_decoder:
             self.decoder.requires_grad_(False)
+        # Only built when used, so checkpoints of captioners without it keep their exact keys.
+        self.concept_head = (
+            nn.Linear(self.backbone.embed_dim, self.decoder.word_embed.num_embeddings)
+            if concept_weight > 0
+            else None
+        )
 
     def backbone_create_kwargs(self) -> dict[str, Any]:
         return {**super().backbone_create_kwargs(), "num_classes": 0}
@@ -216,6 +230,9 @@ class CaptioningTask(BaseTask):
         """Use ``vocab``; the word embedding and output layer are re-created when its size differs."""
         if len(vocab) != self.decoder.word_embed.num_embeddings:
             self.decoder.resize_vocab(len(vocab))
+            if self.concept_head is not None:
+                w = self.concept_head.weight
+                self.concept_head = nn.Linear(w.shape[1], len(vocab), device=w.device, dtype=w.dtype)
         self.vocab = vocab
 
     def setup(self, stage: str) -> None:
@@ -263,10 +280,11 @@ class CaptioningTask(BaseTask):
             ids[j, : len(r)] = torch.tensor(r)
         return torch.tensor(owners, device=self.device), ids.to(self.device)
 
-    def caption_loss(self, images: Tensor, captions: list[list[str]], per_image: int) -> Tensor:
-        """Label-smoothed cross-entropy of ``per_image`` reference captions per image, encoder run once."""
+    def caption_loss(
+        self, visual: Tensor, size: Tensor | None, captions: list[list[str]], per_image: int
+    ) -> Tensor:
+        """Label-smoothed cross-entropy of ``per_image`` reference captions per image of encoded ``visual``."""
         owner, ids = self._targets(captions, per_image)
-        visual, size = self.encode(images)
         visual = visual[owner]
         size = size[owner] if size is not None else None
         logits = self.decoder(visual, size, ids[:, :-1])
@@ -276,6 +294,24 @@ class CaptioningTask(BaseTask):
             ignore_index=self.vocab.pad,
             label_smoothing=self.hparams.label_smoothing,
         )
+
+    def concept_loss(self, visual: Tensor, size: Tensor | None, captions: list[list[str]]) -> Tensor:
+        """Word-tagging loss (see ``concept_weight``) of encoded ``visual`` [B, n, C] with sizes [B, n, 1]."""
+        w = size if size is not None else torch.ones_like(visual[..., :1])
+        pooled = (visual * w).sum(1) / w.sum(1)  # merged tokens count by the patches they hold
+        logits = self.concept_head(pooled).float()
+        target = self.vocab.bag_of_words(captions).to(logits.device)
+        keep = self.vocab.concept_mask().to(logits.device)
+        bce = F.binary_cross_entropy_with_logits(logits[:, keep], target[:, keep], reduction="none")
+        return (bce.sum(1) / target[:, keep].sum(1).clamp(min=1)).mean()
+
+    def image_loss(self, images: Tensor, captions: list[list[str]], per_image: int) -> Tensor:
+        """Caption loss plus ``concept_weight`` times the word-tagging loss; the encoder runs once."""
+        visual, size = self.encode(images)
+        loss = self.caption_loss(visual, size, captions, per_image)
+        if self.concept_head is not None:
+            loss = loss + self.hparams.concept_weight * self.concept_loss(visual, size, captions)
+        return loss
 
     # ------------------------------------------------------------------ decoding
     def _next_logp(self, visual: Tensor, size: Tensor | None, seqs: Tensor, step: int) -> Tensor:
@@ -349,12 +385,12 @@ class CaptioningTask(BaseTask):
 
     def training_loss(self, batch: Any) -> Tensor:
         images, captions = batch
-        return self.caption_loss(images, captions, self.hparams.captions_per_image)
+        return self.image_loss(images, captions, self.hparams.captions_per_image)
 
     def step(self, batch: Any) -> tuple[Tensor, list[str], list[list[str]]]:
         """Validation: loss on the first reference caption and greedy captions."""
         images, captions = batch
-        loss = self.caption_loss(images, captions, 1)
+        loss = self.image_loss(images, captions, 1)
         return loss, self.greedy(images), [list(c) for c in captions]
 
     def evaluate(self, batch: Any) -> tuple[list[str], list[list[str]]]:
