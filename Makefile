@@ -89,20 +89,27 @@ RESUME ?=
 RESUME_ARG = $(if $(RESUME),--ckpt_path=last)
 .PHONY: replicate-small headroom-small
 PRECISION ?= 32-true
+P2_KWARGS := {"patch_size": 2, "depth": 6, "embed_dim": 96, "num_heads": 2}
+REPL_R ?= 16 24 32 40
+REPL_ORDER ?= tome# hard-path token order of the trained embedding, chosen on val (val_trained.md)
 
-replicate-small: data-cifar10 ## Headroom check, patch-2 ViT pretraining, DTEM training, test sweep (hours on CPU)
+replicate-small: data-cifar10 ## Patch-2 ViT pretraining, headroom check, DTEM training, val check, test sweep (~2 h on CPU)
 	$(DTEM) fit -c configs/cifar10_vit_pretrain.yaml -c configs/paper/cifar10_p2_pretrain.yaml \
 		--data.init_args.root=$(CIFAR10) --trainer.accelerator=$(ACCELERATOR) --trainer.precision=$(PRECISION) \
 		--trainer.logger.init_args.version=run $(RESUME_ARG)
 	$(PY) experiments/export_backbone.py runs/replicate_small_pretrain/run/checkpoints/last.ckpt $(P2_WEIGHTS)
-	$(PY) experiments/headroom.py --backbone-kwargs '{"patch_size": 2, "depth": 6, "embed_dim": 96, "num_heads": 2}' --checkpoint-path $(P2_WEIGHTS) \
-		--root $(CIFAR10) --split val --r 16 24 28 --out $(REPL_RESULTS)/headroom.md
+	$(PY) experiments/headroom.py --backbone-kwargs '$(P2_KWARGS)' --checkpoint-path $(P2_WEIGHTS) \
+		--root $(CIFAR10) --split val --r $(REPL_R) --out $(REPL_RESULTS)/headroom.md
 	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
 		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=run $(RESUME_ARG)
+	$(PY) experiments/headroom.py --backbone-kwargs '$(P2_KWARGS)' --checkpoint-path $(P2_WEIGHTS) \
+		--root $(CIFAR10) --split val --r $(REPL_R) --seeds 2 \
+		--embedding runs/replicate_small_dtem/run/checkpoints/last.ckpt --out $(REPL_RESULTS)/val_trained.md
 	$(DTEM) test -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
 		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \
 		--ckpt_path=runs/replicate_small_dtem/run/checkpoints/last.ckpt $(COMPARE) \
+		--model.init_args.policy.init_args.order=$(REPL_ORDER) \
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=test
 	$(PY) experiments/collect.py replicate-small=runs/replicate_small_dtem/test/sweep.csv --out $(REPL_RESULTS)
 
@@ -122,10 +129,15 @@ DEIT_B_WEIGHTS ?=
 MAE_B_WEIGHTS ?=
 MAE_L_WEIGHTS ?=
 PAPER_RESULTS ?= results/paper
-PAPER_TRAINER = --trainer.accelerator=$(PAPER_ACCELERATOR) --trainer.devices=$(DEVICES) \
-	$(if $(filter-out 1,$(DEVICES)),--trainer.strategy=ddp) --data.init_args.root=$(IMAGENET)
+PAPER_DEVICES = --trainer.accelerator=$(PAPER_ACCELERATOR) --trainer.devices=$(DEVICES) \
+	$(if $(filter-out 1,$(DEVICES)),--trainer.strategy=ddp)
+PAPER_TRAINER = $(PAPER_DEVICES) --data.init_args.root=$(IMAGENET)
 weights = $(if $(1),--model.init_args.checkpoint_path=$(1))
-.PHONY: table1 table1-deit-s table1-deit-b table1-mae-b table1-mae-l tome-offshelf e2e-deit-s
+COCO ?= data/coco
+ADE20K ?= data/ADEChallengeData2016
+GIT_B_WEIGHTS ?=
+SEG_S_WEIGHTS ?=
+.PHONY: table1 table1-deit-s table1-deit-b table1-mae-b table1-mae-l tome-offshelf e2e-deit-s table4-git-b table5-seg-s
 
 # $(call modular,NAME,CONFIGS,WEIGHTS,SETTING): fit the embedding, sweep test_r with the comparison rows, collect.
 define modular
@@ -158,6 +170,22 @@ tome-offshelf: ## ToMe off-the-shelf r-sweep on DeiT-S (test only; NoMerge and T
 
 e2e-deit-s: ## End-to-end DTEM on DeiT-S (appendix Table 14 style, 100 epochs)
 	$(call modular,e2e_deit_s,-c configs/deit_s_e2e.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet)
+
+# $(call task_sweep,NAME,CONFIGS AND DATA ROOT,WEIGHTS,METRIC): fit, the config's own r-sweep (its comparison
+# policies included), collect with METRIC plotted.
+define task_sweep
+	$(DTEM) fit $(2) $(PAPER_DEVICES) $(call weights,$(3)) --trainer.logger.init_args.name=$(1) \
+		--trainer.logger.init_args.version=fit $(RESUME_ARG)
+	$(DTEM) test $(2) $(PAPER_DEVICES) $(call weights,$(3)) --ckpt_path=runs/$(1)/fit/checkpoints/last.ckpt \
+		--trainer.logger.init_args.name=$(1) --trainer.logger.init_args.version=test
+	$(PY) experiments/collect.py $(1)=runs/$(1)/test/sweep.csv --out $(PAPER_RESULTS)/$(1) --metric $(4)
+endef
+
+table4-git-b: ## Table 4 captioning: GIT-B-like on COCO Karpathy (COCO=root, GIT_B_WEIGHTS=CLIP ViT-B/16 file)
+	$(call task_sweep,table4_git_b,-c configs/git_b_coco_dtem.yaml --data.init_args.root=$(COCO),$(GIT_B_WEIGHTS),cider)
+
+table5-seg-s: ## Table 5 segmentation: Seg-S-Mask/16 on ADE20K (ADE20K=root, SEG_S_WEIGHTS=ViT-S/16 file)
+	$(call task_sweep,table5_seg_s,-c configs/segmenter_s_ade20k_dtem.yaml --data.init_args.root=$(ADE20K),$(SEG_S_WEIGHTS),miou)
 
 CAMVID_RUN := runs/camvid_small/make
 CAMVID_ARGS := -c configs/camvid_small.yaml --trainer.logger.init_args.version=make

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "pretrain-small", "demo", "demo-quick", "replicate-small",
     "table1-deit-s", "table1-deit-b", "table1-mae-b", "table1-mae-l", "tome-offshelf", "e2e-deit-s",
+    "table4-git-b", "table5-seg-s",
 ]  # fmt: skip
 
 
@@ -47,7 +48,8 @@ def print_config(args: list[str], capsys: pytest.CaptureFixture) -> str:
 
 @pytest.fixture(scope="module")
 def parsed() -> dict[str, list[list[str]]]:
-    return {t: make_n(t, "IMAGENET=/data/imagenet", "DEVICES=8") for t in TARGETS}
+    roots = ("IMAGENET=/data/imagenet", "COCO=/data/coco", "ADE20K=/data/ade")
+    return {t: make_n(t, *roots, "DEVICES=8") for t in TARGETS}
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -61,6 +63,12 @@ def test_target_parses(target, parsed, capsys):
         if target.startswith(("table1", "tome", "e2e")):
             assert "root: /data/imagenet" in out and "devices: '8'" in out and "strategy: ddp" in out
             assert "accelerator: gpu" in out
+        if target.startswith(("table4", "table5")):
+            root = "/data/coco" if target.startswith("table4") else "/data/ade"
+            assert f"root: {root}" in out and "devices: '8'" in out and "accelerator: gpu" in out
+    if target.startswith(("table4", "table5")):
+        collect_cmd = parsed[target][-1]
+        assert Path(collect_cmd[1]).name == "collect.py" and collect_cmd[-2:] in (["--metric", "cider"], ["--metric", "miou"])
 
 
 def test_headroom_target_parses():
