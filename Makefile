@@ -90,7 +90,7 @@ RESUME_ARG = $(if $(RESUME),--ckpt_path=last)
 .PHONY: replicate-small headroom-small
 PRECISION ?= 32-true
 P2_KWARGS := {"patch_size": 2, "depth": 6, "embed_dim": 96, "num_heads": 2}
-REPL_R ?= 16 24 32 40
+REPL_R ?= 16 24 32 40 64,64,32,32,16,8 128,64,32,16,8,4
 REPL_ORDER ?= tome# hard-path token order of the trained embedding, chosen on val (val_trained.md)
 
 replicate-small: data-cifar10 ## Patch-2 ViT pretraining, headroom check, DTEM training, val check, test sweep (~2 h on CPU)

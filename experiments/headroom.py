@@ -33,21 +33,36 @@ def candidate_policies(
     ``vit`` gets patched with the first policy (NoMerge) when it is not patched yet.
     """
     pols: list[tuple[str, MergePolicy]] = [("NoMerge", NoMerge()), ("ToMe (keys)", ToMe())]
-    for s in range(seeds):
-        torch.manual_seed(s)
-        pols.append((f"random embedding (seed {s})", DTEMHard()))
-    pols.append(("raw block input", RawInput()))
-    if trained is not None:
-        pols += [(f"trained embedding (order {o})", DTEMHard(order=o)) for o in ("tome", "size")]
     if isinstance(vit, MergeVisionTransformer):
         pols[0][1].bind(vit)
     else:
         apply_policy(vit, pols[0][1])
-    for name, p in pols[1:]:
-        p.bind(vit)
-        if name.startswith("trained"):
-            p.load_state_dict(trained)
+    pols[1][1].bind(vit)
+    for s in range(seeds):
+        torch.manual_seed(s)  # the embedding's weights are drawn in bind: seed s gives the same metric every run
+        pols.append((f"random embedding (seed {s})", DTEMHard()))
+        pols[-1][1].bind(vit)
+    pols.append(("raw block input", RawInput()))
+    pols[-1][1].bind(vit)
+    if trained is not None:
+        for o in ("tome", "size"):
+            pols.append((f"trained embedding (order {o})", DTEMHard(order=o)))
+            pols[-1][1].bind(vit)
+            pols[-1][1].load_state_dict(trained)
     return pols
+
+
+def parse_r(text: str) -> int | str:
+    """A constant r (``"16"`` -> 16) or a per-block schedule, kept as its label (``"96,48,24"``)."""
+    return text if "," in text else int(text)
+
+
+def _schedule(r: int | str) -> int | list[int]:
+    return [int(v) for v in r.split(",")] if isinstance(r, str) else r
+
+
+def _r_key(r: int | str) -> tuple[bool, int, str]:
+    return isinstance(r, str), r if isinstance(r, int) else 0, str(r)
 
 
 def trained_embedding(ckpt_path: str) -> dict[str, Tensor]:
@@ -63,7 +78,7 @@ def trained_embedding(ckpt_path: str) -> dict[str, Tensor]:
 def evaluate(
     vit: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
-    rs: list[int],
+    rs: list[int | str],
     seeds: int = 5,
     trained: dict[str, Tensor] | None = None,
 ) -> list[dict[str, object]]:
@@ -72,7 +87,7 @@ def evaluate(
     Args:
         vit: a timm ViT classifier (unpatched; it is patched here).
         batches: (images [B, 3, H, W], labels [B]) pairs.
-        rs: reduction rates to evaluate.
+        rs: reduction rates to evaluate: ints, or per-block schedules as labels "a,b,c" (see :func:`parse_r`).
         seeds: number of random untrained embeddings.
         trained: a trained DTEM embedding to add (see :func:`candidate_policies`).
 
@@ -88,7 +103,7 @@ def evaluate(
         n += len(y)
         for j, (_, p, r) in enumerate(jobs):
             use_policy(vit, p)
-            with p.reduce(r):
+            with p.reduce(_schedule(r)):
                 correct[j] += int((vit(x).argmax(-1) == y).sum())
     use_policy(vit, pols[0][1])
     return [
@@ -104,7 +119,7 @@ def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     win), "small" within 1 point beyond that, else "headroom".
     """
     out = []
-    for r in sorted({row["r"] for row in rows if row["r"]}):
+    for r in sorted({row["r"] for row in rows if row["r"]}, key=_r_key):
         accs = {row["metric"]: row["acc1"] for row in rows if row["r"] == r}
         n = next(row["n"] for row in rows if row["r"] == r)
         mean = sum(accs.values()) / len(accs) / 100
@@ -121,7 +136,7 @@ def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def markdown(rows: list[dict[str, object]], summary: list[dict[str, object]]) -> str:
     """Two Markdown tables: top-1 per metric (rows) and r (columns), then the per-r summary."""
-    rs = sorted({row["r"] for row in rows if row["r"]})
+    rs = sorted({row["r"] for row in rows if row["r"]}, key=_r_key)
     names = list(dict.fromkeys(row["metric"] for row in rows))
     acc = {(row["metric"], row["r"]): row["acc1"] for row in rows}
     lines = ["| metric | " + " | ".join(f"r={r}" for r in rs) + " |", "|---|" + "---|" * len(rs)]
@@ -160,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         "--split", choices=("val", "test"), default="val", help="evaluate on val (default) or test"
     )
     ap.add_argument("--img-size", type=int, default=32)
-    ap.add_argument("--r", type=int, nargs="+", default=[4, 8, 10], help="target reduction rates")
+    ap.add_argument(
+        "--r", type=parse_r, nargs="+", default=[4, 8, 10],
+        help="target reduction rates: ints, or per-block schedules such as 96,48,24,12,6,3",
+    )  # fmt: skip
     ap.add_argument("--seeds", type=int, default=5, help="number of random untrained embeddings")
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--max-per-class", type=int, default=None, help="fewer images per class (quick runs)")

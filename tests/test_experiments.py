@@ -183,7 +183,9 @@ def test_headroom_on_tiny_model(tmp_path):
     ckpt = tmp_path / "dtem.ckpt"
     torch.save({"state_dict": {f"policy.{k}": v for k, v in emb.state_dict().items()}}, ckpt)
     trained = headroom.trained_embedding(str(ckpt))
-    rows = headroom.evaluate(vit, batches, rs=[8], seeds=1, trained=trained)
+    rows = headroom.evaluate(vit, batches, rs=[8, headroom.parse_r("16,8,0")], seeds=2, trained=trained)
+    assert headroom.parse_r("12") == 12 and {r["r"] for r in rows} == {0, 8, "16,8,0"}
+    assert "r=16,8,0" in headroom.markdown(rows, headroom.summarize(rows))
     acc = {r["metric"]: r["acc1"] for r in rows if r["r"] == 8}
     assert acc["trained embedding (order tome)"] == acc["random embedding (seed 0)"]
     assert "trained embedding (order size)" in acc
