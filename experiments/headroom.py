@@ -39,7 +39,9 @@ def candidate_policies(
         apply_policy(vit, pols[0][1])
     pols[1][1].bind(vit)
     for s in range(seeds):
-        torch.manual_seed(s)  # the embedding's weights are drawn in bind: seed s gives the same metric every run
+        torch.manual_seed(
+            s
+        )  # the embedding's weights are drawn in bind: seed s gives the same metric every run
         pols.append((f"random embedding (seed {s})", DTEMHard()))
         pols[-1][1].bind(vit)
     pols.append(("raw block input", RawInput()))
