@@ -91,6 +91,8 @@ RESUME_ARG = $(if $(RESUME),--ckpt_path=last)
 PRECISION ?= 32-true
 P2_KWARGS := {"patch_size": 2, "depth": 6, "embed_dim": 96, "num_heads": 2}
 REPL_R ?= 16 24 32 40 64,64,32,32,16,8 128,64,32,16,8,4
+REPL_HEADROOM = $(PY) experiments/headroom.py --backbone-kwargs '$(P2_KWARGS)' --checkpoint-path $(P2_WEIGHTS) \
+	--root $(CIFAR10) --split val --r $(REPL_R)
 REPL_ORDER ?= tome# hard-path token order of the trained embedding, chosen on val (val_trained.md)
 
 replicate-small: data-cifar10 ## Patch-2 ViT pretraining, headroom check, DTEM training, val check, test sweep (~2 h on CPU)
@@ -98,13 +100,11 @@ replicate-small: data-cifar10 ## Patch-2 ViT pretraining, headroom check, DTEM t
 		--data.init_args.root=$(CIFAR10) --trainer.accelerator=$(ACCELERATOR) --trainer.precision=$(PRECISION) \
 		--trainer.logger.init_args.version=run $(RESUME_ARG)
 	$(PY) experiments/export_backbone.py runs/replicate_small_pretrain/run/checkpoints/last.ckpt $(P2_WEIGHTS)
-	$(PY) experiments/headroom.py --backbone-kwargs '$(P2_KWARGS)' --checkpoint-path $(P2_WEIGHTS) \
-		--root $(CIFAR10) --split val --r $(REPL_R) --out $(REPL_RESULTS)/headroom.md
+	$(REPL_HEADROOM) --out $(REPL_RESULTS)/headroom.md
 	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
 		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=run $(RESUME_ARG)
-	$(PY) experiments/headroom.py --backbone-kwargs '$(P2_KWARGS)' --checkpoint-path $(P2_WEIGHTS) \
-		--root $(CIFAR10) --split val --r $(REPL_R) --seeds 2 \
+	$(REPL_HEADROOM) --seeds 2 \
 		--embedding runs/replicate_small_dtem/run/checkpoints/last.ckpt --out $(REPL_RESULTS)/val_trained.md
 	$(DTEM) test -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
 		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \

@@ -32,25 +32,27 @@ def candidate_policies(
     ToMe's token order and with tokens sorted by size (``DTEMHard.order``): the validation check of a training.
     ``vit`` gets patched with the first policy (NoMerge) when it is not patched yet.
     """
-    pols: list[tuple[str, MergePolicy]] = [("NoMerge", NoMerge()), ("ToMe (keys)", ToMe())]
+    base = NoMerge()
     if isinstance(vit, MergeVisionTransformer):
-        pols[0][1].bind(vit)
+        base.bind(vit)
     else:
-        apply_policy(vit, pols[0][1])
-    pols[1][1].bind(vit)
+        apply_policy(vit, base)
+    pols: list[tuple[str, MergePolicy]] = [("NoMerge", base)]
+
+    def add(name: str, policy: MergePolicy) -> MergePolicy:
+        policy.bind(vit)
+        pols.append((name, policy))
+        return policy
+
+    add("ToMe (keys)", ToMe())
     for s in range(seeds):
-        torch.manual_seed(
-            s
-        )  # the embedding's weights are drawn in bind: seed s gives the same metric every run
-        pols.append((f"random embedding (seed {s})", DTEMHard()))
-        pols[-1][1].bind(vit)
-    pols.append(("raw block input", RawInput()))
-    pols[-1][1].bind(vit)
+        # The embedding's weights are drawn in bind, right after the seed: seed s is the same metric every run.
+        torch.manual_seed(s)
+        add(f"random embedding (seed {s})", DTEMHard())
+    add("raw block input", RawInput())
     if trained is not None:
         for o in ("tome", "size"):
-            pols.append((f"trained embedding (order {o})", DTEMHard(order=o)))
-            pols[-1][1].bind(vit)
-            pols[-1][1].load_state_dict(trained)
+            add(f"trained embedding (order {o})", DTEMHard(order=o)).load_state_dict(trained)
     return pols
 
 
