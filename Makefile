@@ -139,20 +139,22 @@ GIT_B_WEIGHTS ?=
 SEG_S_WEIGHTS ?=
 .PHONY: table1 table1-deit-s table1-deit-b table1-mae-b table1-mae-l tome-offshelf e2e-deit-s table4-git-b table5-seg-s
 
-# $(call modular,NAME,CONFIGS,WEIGHTS,SETTING): fit the embedding, sweep test_r with the comparison rows, collect.
+# $(call modular,NAME,CONFIGS,WEIGHTS,SETTING,ROWS): fit the embedding, sweep test_r with the comparison rows ROWS
+# ($(COMPARE); empty where the configs list their own, as the MAE ones do: ToMe there runs without proportional
+# attention), collect.
 define modular
 	$(DTEM) fit $(2) $(PAPER_TRAINER) $(call weights,$(3)) --trainer.logger.init_args.name=$(1) \
 		--trainer.logger.init_args.version=fit $(RESUME_ARG)
 	$(DTEM) test $(2) $(PAPER_TRAINER) $(call weights,$(3)) --ckpt_path=runs/$(1)/fit/checkpoints/last.ckpt \
-		$(COMPARE) --trainer.logger.init_args.name=$(1) --trainer.logger.init_args.version=test
+		$(5) --trainer.logger.init_args.name=$(1) --trainer.logger.init_args.version=test
 	$(PY) experiments/collect.py $(1)=runs/$(1)/test/sweep.csv --out $(PAPER_RESULTS)/$(1) $(4)
 endef
 
 table1-deit-s: ## Table 1 DeiT-S modular: DTEM r=16 embedding, NoMerge/ToMe/DTEM rows at r 0/8/11/12/13/16
-	$(call modular,table1_deit_s,-c configs/deit_s_modular.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet)
+	$(call modular,table1_deit_s,-c configs/deit_s_modular.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet,$(COMPARE))
 
 table1-deit-b: ## Table 1 DeiT-B modular
-	$(call modular,table1_deit_b,-c configs/deit_s_modular.yaml -c configs/paper/deit_b.yaml,$(DEIT_B_WEIGHTS))
+	$(call modular,table1_deit_b,-c configs/deit_s_modular.yaml -c configs/paper/deit_b.yaml,$(DEIT_B_WEIGHTS),,$(COMPARE))
 
 table1-mae-b: ## Table 1 MAE ViT-B modular (MAE fine-tuned weights via MAE_B_WEIGHTS)
 	$(call modular,table1_mae_b,-c configs/deit_s_modular.yaml -c configs/paper/mae_vit_b.yaml,$(MAE_B_WEIGHTS))
@@ -169,7 +171,7 @@ tome-offshelf: ## ToMe off-the-shelf r-sweep on DeiT-S (test only; NoMerge and T
 		--out $(PAPER_RESULTS)/tome_offshelf --setting deit_s_imagenet
 
 e2e-deit-s: ## End-to-end DTEM on DeiT-S (appendix Table 14 style, 100 epochs)
-	$(call modular,e2e_deit_s,-c configs/deit_s_e2e.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet)
+	$(call modular,e2e_deit_s,-c configs/deit_s_e2e.yaml,$(DEIT_S_WEIGHTS),--setting deit_s_imagenet,$(COMPARE))
 
 # $(call task_sweep,NAME,CONFIGS AND DATA ROOT,WEIGHTS,METRIC): fit, the config's own r-sweep (its comparison
 # policies included), collect with METRIC plotted.

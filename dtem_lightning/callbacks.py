@@ -1,4 +1,5 @@
-"""Callbacks: FLOPs logging for fit, and the sweep writer (sweep.csv, tradeoff.png, printed table)."""
+"""Callbacks: FLOPs logging for fit, the sweep writer (sweep.csv, tradeoff.png, printed table) and the final
+``last.ckpt``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 FIXED_COLUMNS = ["policy", "r", "gflops", "tokens"]
@@ -44,7 +46,8 @@ def plot_tradeoff(
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, pts in curves.items():
-        pts = sorted(p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1])))
+        # Sorted by GFLOPs and value only: r may be an int or a schedule label ("8,4,0"), which do not compare.
+        pts = sorted((p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))), key=lambda p: p[:2])
         if not pts:
             continue
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
@@ -115,3 +118,28 @@ class FlopsLogger(L.Callback):
         pl_module.print(
             f"{type(pl_module.policy).__name__} r={pl_module.policy.r}: {gf:.3f} GFLOPs, {tokens} tokens"
         )
+
+
+class FinalCheckpoint(L.Callback):
+    """At the end of a fit, write the final weights to ``last.ckpt``, whatever the monitored metric did.
+
+    Lightning 2.6's ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` only together with a top-k save,
+    so a run whose last epochs did not improve the metric ends with ``last.ckpt`` at an older step, and every
+    ``dtem test --ckpt_path …/last.ckpt`` would evaluate stale weights. The ``dtem`` CLI always adds this
+    callback. Each checkpoint callback with ``save_last`` rewrites its ``last.ckpt`` (its best-by-metric files
+    are untouched; with ``save_last: link`` the link is replaced by a file); when none has ``save_last``, the
+    first checkpoint callback's folder gets one. A fit that stops on an exception writes nothing here (the last
+    good checkpoint is kept).
+    """
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+        for cb in [cb for cb in callbacks if cb.save_last] or callbacks[:1]:
+            saves_last = cb.save_last
+            cb.save_last = True  # also for "link": a real file, the best checkpoint stays as it is
+            try:
+                # Lightning's own writer: the version counter, last_model_path and removal of the old file; it
+                # writes a temporary file and renames it over last.ckpt (also over a link to the best file).
+                cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
+            finally:
+                cb.save_last = saves_last

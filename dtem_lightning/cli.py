@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so YAML can name them by short class path (ClassificationTask, DTEMSoft, ImageFolderDataModule...).
 from dtem_lightning import policy as _policy  # noqa: F401
-from dtem_lightning.callbacks import FlopsLogger, SweepWriter
+from dtem_lightning.callbacks import FinalCheckpoint, FlopsLogger, SweepWriter
 from dtem_lightning.data import BaseDataModule
 from dtem_lightning.tasks import BaseTask
 from dtem_lightning.tasks import base as _base  # noqa: F401
@@ -45,7 +45,8 @@ class _Parser(LightningArgumentParser):
 
 
 class DTEMCLI(LightningCLI):
-    """LightningCLI with argument links, sweep/FLOPs callbacks and checkpoint hparams as mere defaults.
+    """LightningCLI with argument links, sweep/FLOPs/final-checkpoint callbacks and checkpoint hparams as mere
+    defaults.
 
     Modifications: with ``--ckpt_path FILE`` the task's saved hyper-parameters become defaults before parsing,
     so no model arguments are needed and config files and command-line values win over them (Lightning itself
@@ -55,6 +56,7 @@ class DTEMCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SweepWriter, "sweep")
         parser.add_lightning_class_args(FlopsLogger, "flops")
+        parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
         # jsonargparse skips an instantiation link whose source attribute the data module lacks (caption data

@@ -40,6 +40,35 @@ def r_schedule(r: int | Sequence[int], depth: int) -> list[int]:
     return rs
 
 
+def parse_r(r: int | str | Sequence[int]) -> int | list[int]:
+    """One reduction rate as a config or command line gives it: a constant or a per-block schedule.
+
+    ``16`` or ``"16"`` -> 16; ``[8, 4, 0]`` or ``"8,4,0"`` (the form ``experiments/headroom.py --r`` takes)
+    -> [8, 4, 0]. The schedule's length is checked against the model later (:func:`r_schedule`).
+    """
+    if isinstance(r, str):
+        text = r.strip().removeprefix("[").removesuffix("]")
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            raise ValueError(f"r must be an int or comma-separated ints such as '8,4,0', got {r!r}") from None
+        r = values if "," in text else values[0]
+    if isinstance(r, bool) or not isinstance(r, int | Sequence):
+        raise TypeError(f"r must be an int or a list of ints, got {r!r}")
+    rs = r_schedule(r, 1 if isinstance(r, int) else len(r))  # types and signs; the length comes later
+    return r if isinstance(r, int) else rs
+
+
+def r_label(r: int | Sequence[int]) -> int | str:
+    """Printable form of a reduction rate for tables and plots: 16 -> 16, [8, 4, 0] -> ``"8,4,0"``."""
+    return r if isinstance(r, int) else ",".join(str(v) for v in r)
+
+
+def r_key(r: int | Sequence[int]) -> str:
+    """Key-safe form of a reduction rate for metric and log names: 16 -> ``"16"``, [8, 4, 0] -> ``"8-4-0"``."""
+    return str(r) if isinstance(r, int) else "-".join(str(v) for v in r)
+
+
 def token_counts(num_tokens: int, num_prefix: int, schedule: Sequence[int]) -> list[int]:
     """Token count after each block of hard merging, with r capped at (patch tokens) // 2 per block.
 
@@ -63,13 +92,35 @@ def normalize(metric: Tensor) -> Tensor:
     return metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+def hard_split_offset(num_prefix: int) -> int:
+    """Patch position of the first destination of the hard split (2.2): the patches at odd sequence index.
+
+    ToMe alternates over the whole sequence, prefix tokens included (even index: sources, odd: destinations),
+    and protects the prefix tokens. With one prefix token (class) the destinations are patch positions
+    0, 2, 4, ...; with two (class + distillation) or none they are 1, 3, 5, ....
+
+    Args:
+        num_prefix: prefix tokens before the patch tokens.
+
+    Returns:
+        0 or 1.
+    """
+    if num_prefix < 0:
+        raise ValueError(f"num_prefix must be >= 0, got {num_prefix}")
+    return 0 if num_prefix % 2 else 1
+
+
 def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn, MergeFn]:
     """ToMe's bipartite soft matching, on patch tokens only.
 
-    Patch positions (after the ``num_prefix`` prefix tokens) 0, 2, 4, ... are destinations, 1, 3, 5, ...
-    sources. Each source picks its most similar destination (cosine of ``metric``); the ``r`` sources with
-    the highest scores are merged away. Output order: prefix tokens, unmerged sources in their original
-    order, destinations in their original order.
+    The split alternates over the whole sequence: patch tokens at odd sequence index are destinations, those at
+    even index sources (:func:`hard_split_offset`), so a class-token ViT has destinations at patch positions
+    0, 2, 4, ... and a distilled DeiT (class + distillation token) at 1, 3, 5, .... Each source picks its most
+    similar destination (cosine of ``metric``); the ``r`` sources with the highest scores are merged away.
+    Output order: prefix tokens, unmerged sources in their original order, destinations in their original
+    order. This is ToMe's order with a class token (and distillation token); without prefix tokens ToMe's own
+    code leaves the unmerged sources in score order, here they keep their original order (a deliberate,
+    documented deviation: the tokens merged and their values are the same, only their order differs).
 
     Args:
         metric: [B, N, C] similarity features.
@@ -81,21 +132,26 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn
         ``unmerge(y) -> [B, N, C']`` copying every merged token back to all positions it covers.
     """
     B, N, _ = metric.shape
-    num_src = (N - num_prefix) // 2
-    r = min(r, num_src)
+    off = hard_split_offset(num_prefix)
+    num_patch = N - num_prefix
+    num_dst = (num_patch - off + 1) // 2  # patch positions off, off + 2, ...
+    num_src = num_patch - num_dst
+    r = min(r, num_patch // 2)  # <= num_src for either offset
     with torch.no_grad():
         m = normalize(metric[:, num_prefix:].float())
-        src, dst = m[:, 1::2], m[:, ::2]
-        best, best_dst = (src @ dst.transpose(1, 2)).max(dim=-1)  # [B, Ns]
+        src, dst = m[:, 1 - off :: 2], m[:, off::2]
+        if num_dst:
+            best, best_dst = (src @ dst.transpose(1, 2)).max(dim=-1)  # [B, Ns]
+        else:  # at most one patch: nothing to match (r is 0)
+            best, best_dst = src.new_zeros(B, num_src), src.new_zeros(B, num_src, dtype=torch.long)
         order = best.argsort(dim=-1, descending=True)
         merged_src = order[:, :r]  # [B, r]
         kept_src = order[:, r:].sort(dim=-1).values  # original order
         merged_dst = best_dst.gather(1, merged_src)  # [B, r]
-    num_dst = N - num_prefix - num_src
 
     def merge(x: Tensor, reduce: str = "sum") -> Tensor:
         prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-        s, d = patches[:, 1::2], patches[:, ::2]
+        s, d = patches[:, 1 - off :: 2], patches[:, off::2]
         c = x.shape[-1]
         kept = s.gather(1, kept_src[..., None].expand(B, num_src - r, c))
         moved = s.gather(1, merged_src[..., None].expand(B, r, c))
@@ -109,8 +165,8 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn
         s = y.new_zeros(B, num_src, c)
         s = s.scatter(1, kept_src[..., None].expand(B, num_src - r, c), kept)
         s = s.scatter(1, merged_src[..., None].expand(B, r, c), moved)
-        out = y.new_empty(B, N - num_prefix, c)
-        out[:, ::2], out[:, 1::2] = d, s
+        out = y.new_empty(B, num_patch, c)
+        out[:, off::2], out[:, 1 - off :: 2] = d, s
         return torch.cat([prefix, out], dim=1)
 
     return merge, unmerge

@@ -133,11 +133,13 @@ class MergePolicy(nn.Module):
         return x.new_ones(x.shape[0], x.shape[1], 1) if s is None else s
 
     def attn_bias(self) -> Tensor | None:
-        """Proportional attention bias log(s + eps), float32 [B, 1, 1, N]; None while all sizes are 1."""
+        """Proportional attention bias log(s + eps), float32 or wider [B, 1, 1, N]; None while all sizes are 1."""
         use = self.prop_attn is True or (self.prop_attn == "train" and self.state.training)
-        if not use or self.state.size is None:
+        size = self.state.size
+        if not use or size is None:
             return None
-        return torch.log(self.state.size.float() + M.SIZE_EPS)[:, None, :, 0][:, None]
+        size = size.to(torch.promote_types(size.dtype, torch.float32))  # float32 also under autocast
+        return torch.log(size + M.SIZE_EPS)[:, None, :, 0][:, None]
 
     def metric(self, layer: int, u: Tensor) -> Tensor | None:
         """Similarity features [B, N, C'] for block ``layer`` from its normalised input ``u``; None: no merge."""
@@ -246,11 +248,15 @@ class DTEMHard(MergePolicy):
             x = self._sort_by_size(x, x.shape[1])
         return x
 
-    def _sort_by_size(self, x: Tensor, n: int) -> Tensor:
-        """Re-sort patch tokens ``P..n`` of x [B, N, C] (with sizes and sources) by size, largest first, stably."""
+    def _sort_by_size(self, x: Tensor, n: int, before: Tensor | None = None) -> Tensor:
+        """Re-sort patch tokens ``P..n`` of x [B, N, C] (with sizes and sources) by size, largest first, stably.
+
+        ``before`` [n - P] lists those positions in the order that decides ties (default: their own order).
+        """
         st, P = self.state, self.num_prefix
         size = self.size(x)
-        order = size[:, P:n, 0].argsort(dim=1, descending=True, stable=True) + P
+        before = torch.arange(P, n, device=x.device) if before is None else before
+        order = before[size[:, before, 0].argsort(dim=1, descending=True, stable=True)]
         head = torch.arange(P, device=x.device).expand(x.shape[0], P)
         tail = torch.arange(n, x.shape[1], device=x.device).expand(x.shape[0], -1)
         perm = torch.cat([head, order, tail], dim=1)  # [B, N]
@@ -274,7 +280,15 @@ class DTEMSoft(DTEMHard):
         k: candidate destinations per source.
         tau1: similarity temperature.
         tau2: selection temperature.
+        soft_layout: ``official`` (default): the published training step — sources are the active patch
+            positions 0, 2, 4, … (the opposite parity of the hard split), destinations 1, 3, 5, …, and after
+            merging the sequence [all sources; all destinations] is stably re-sorted by size, so tied sizes keep
+            sources first. ``consistent``: the hard split of inference (:func:`~dtem_lightning.merge.
+            hard_split_offset`) also in training, tokens stably re-sorted by size from their own positions (an
+            ablation: one split in both regimes; its effect on accuracy is unmeasured).
     """
+
+    SOFT_LAYOUTS = ("official", "consistent")
 
     def __init__(
         self,
@@ -286,31 +300,40 @@ class DTEMSoft(DTEMHard):
         k: int = 3,
         tau1: float = 0.1,
         tau2: float = 0.1,
+        soft_layout: str = "official",
     ) -> None:
         super().__init__(
             r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim, order=order
         )
         if k < 1 or tau1 <= 0 or tau2 <= 0:
             raise ValueError(f"need k >= 1 and positive temperatures, got k={k}, tau1={tau1}, tau2={tau2}")
-        self.k, self.tau1, self.tau2 = k, tau1, tau2
+        if soft_layout not in self.SOFT_LAYOUTS:
+            raise ValueError(f"soft_layout must be 'official' or 'consistent', got {soft_layout!r}")
+        self.k, self.tau1, self.tau2, self.soft_layout = k, tau1, tau2, soft_layout
 
     def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
         if not self.state.training:
             return super().merge(layer, x, metric)
-        st, P = self.state, self.num_prefix
-        r = min(self.schedule[layer], (st.active - P) // 2)
+        st = self.state
+        src_idx, dst_idx = self.soft_split(st.active, x.device)
+        r = min(self.schedule[layer], len(src_idx)) if len(dst_idx) else 0
         if metric is None or r == 0:
             st.tokens.append(st.active)
             return x
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._soft_step(x, metric, r)
+            return self._soft_step(x, metric, r, src_idx, dst_idx)
 
-    def _soft_step(self, x: Tensor, metric: Tensor, r: int) -> Tensor:
-        st, P, n = self.state, self.num_prefix, self.state.active
+    def soft_split(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+        """Sequence positions of the sources and destinations among the ``n`` active tokens (prefix included)."""
+        P = self.num_prefix
+        dst_off = 1 if self.soft_layout == "official" else M.hard_split_offset(P)
+        src = torch.arange(P + 1 - dst_off, n, 2, device=device)
+        return src, torch.arange(P + dst_off, n, 2, device=device)
+
+    def _soft_step(self, x: Tensor, metric: Tensor, r: int, src_idx: Tensor, dst_idx: Tensor) -> Tensor:
+        st, n = self.state, self.state.active
         dtype, work = x.dtype, torch.promote_types(x.dtype, torch.float32)
         x, size = x.to(work), self.size(x).to(work)
-        dst_idx = torch.arange(P, n, 2, device=x.device)
-        src_idx = torch.arange(P + 1, n, 2, device=x.device)
         emb = M.normalize(metric.to(work))
         w = M.soft_grouping(emb[:, src_idx], emb[:, dst_idx], r, self.k, self.tau1, self.tau2)
         x_dst, s_dst, s_src = M.soft_merge(
@@ -321,11 +344,14 @@ class DTEMSoft(DTEMHard):
         if st.source is not None:
             st.source = M.soft_merge_sources(st.source, w, src_idx, dst_idx)
         # Re-sort the active patch tokens by size (largest first): depleted sources drop out of the active set.
+        # The published step sorts [all sources; all destinations], so tied sizes keep sources first.
         st.size = size
-        x = self._sort_by_size(x, n)
+        x = self._sort_by_size(
+            x, n, torch.cat([src_idx, dst_idx]) if self.soft_layout == "official" else None
+        )
         st.active = n - r
         st.tokens.append(st.active)
         return x.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}, tau1={self.tau1}, tau2={self.tau2}"
+        return f"{super().extra_repr()}, k={self.k}, tau1={self.tau1}, tau2={self.tau2}, soft_layout={self.soft_layout}"

@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from dtem_lightning import merge as M
 from dtem_lightning.callbacks import plot_tradeoff
 
 FIXED = ["policy", "r", "gflops", "tokens"]
@@ -91,11 +92,20 @@ def _num(v: str) -> object:
             return v
 
 
+def _cell(key: str, value: str) -> object:
+    """A sweep.csv cell: ``policy`` as text, ``r`` as an int or a per-block schedule label ("8,4,0"), numbers."""
+    if key == "policy":
+        return value
+    if key == "r" and value != "":
+        return M.r_label(M.parse_r(value))
+    return _num(value)
+
+
 def read_rows(sweeps: list[tuple[str, Path]]) -> list[dict[str, object]]:
-    """Rows of every sweep with a ``run`` column; numbers parsed.
+    """Rows of every sweep with a ``run`` column; numbers parsed, ``r`` an int or a schedule label ("8,4,0").
 
     Raises:
-        ValueError: a file lacks the fixed columns ``policy, r, gflops, tokens``.
+        ValueError: a file lacks the fixed columns ``policy, r, gflops, tokens``, or has a malformed ``r``.
     """
     rows: list[dict[str, object]] = []
     for run, path in sweeps:
@@ -105,7 +115,7 @@ def read_rows(sweeps: list[tuple[str, Path]]) -> list[dict[str, object]]:
             if missing:
                 raise ValueError(f"{path} lacks the columns {missing}")
             for row in reader:
-                rows.append({"run": run, **{k: (v if k == "policy" else _num(v)) for k, v in row.items()}})
+                rows.append({"run": run, **{k: _cell(k, v) for k, v in row.items()}})
     return rows
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dtem_lightning import merge as M
 from dtem_lightning.patch import MergeVisionTransformer, apply_policy, use_policy
 from dtem_lightning.policy import DTEMHard, MergePolicy, NoMerge, ToMe
 
@@ -57,12 +58,15 @@ def candidate_policies(
 
 
 def parse_r(text: str) -> int | str:
-    """A constant r (``"16"`` -> 16) or a per-block schedule, kept as its label (``"96,48,24"``)."""
-    return text if "," in text else int(text)
+    """A constant r (``"16"`` -> 16) or a per-block schedule, kept as its label (``"96,48,24"``).
+
+    Parsed by :func:`dtem_lightning.merge.parse_r`, the form ``test_r`` of the tasks accepts too.
+    """
+    return M.r_label(M.parse_r(text))
 
 
 def _schedule(r: int | str) -> int | list[int]:
-    return [int(v) for v in r.split(",")] if isinstance(r, str) else r
+    return M.parse_r(r)
 
 
 def _r_key(r: int | str) -> tuple[bool, int, str]:

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import CAMVID, FLICKR, ROOT
 
 from dtem_lightning.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-subset" / "cifar10_train2000pc_test500pc.zip"
-CAMVID = ROOT.parent / "shared" / "data" / "camvid-segnet-halfres" / "camvid_240x180.zip"
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "flickr8k_1k.zip"
 # Caption configs: config stem -> data layout of their data root ("flickr": captions.txt + images/; "karpathy").
 CAPTION_LAYOUTS = {"flickr8k_small": "flickr", "git_b_coco_dtem": "karpathy"}
 EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("debug.yaml", "trainer.yaml"))
@@ -26,24 +24,6 @@ SEG_LAYOUTS = {
     "camvid_small": {s: f"{s}annot" for s in ("train", "val", "test")},
     "segmenter_s_ade20k_dtem": {f"images/{s}": f"annotations/{s}" for s in ("training", "validation")},
 }
-
-
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory) -> str:
-    """The CIFAR-10 subset when present, else a small generated image tree in the same layout."""
-    if CIFAR.exists():
-        return str(CIFAR)
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(8):
-                arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
-                Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
-    return str(root)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +97,11 @@ def debug_args(cfg: Path, image_root: str, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _short(policy: str | dict) -> str:
+    """Class name of a policy given in YAML as a (short or full) class path or as {class_path: ...}."""
+    return (policy if isinstance(policy, str) else policy["class_path"]).rsplit(".", 1)[-1]
+
+
 def read_sweep(out: Path) -> list[dict[str, str]]:
     files = sorted(out.rglob("sweep.csv"), key=lambda p: p.stat().st_mtime)
     assert files, f"no sweep.csv under {out}"
@@ -139,8 +124,14 @@ def test_every_config_fits_and_tests(cfg, image_root, seg_roots, caption_roots, 
     metrics = ["miou", "pixel_acc"] if cfg.stem in SEG_LAYOUTS else ["acc1", "acc5"]
     metrics = ["bleu1", "bleu2"] if cfg.stem in CAPTION_LAYOUTS else metrics
     assert list(rows[0])[:6] == ["policy", "r", "gflops", "tokens", *metrics]
-    main_rows = [r for r in rows if r["policy"] == rows[0]["policy"]]
-    assert [int(r["r"]) for r in main_rows] == [0, 2, 4] or rows[0]["policy"] == "NoMerge"
+    # The task's policy, then each test policy (in the YAML's order): NoMerge once at r = 0, any other at every
+    # r of the debug overlay's test_r.
+    model = yaml.safe_load(cfg.read_text())["model"]["init_args"]
+    names = [_short(model["policy"]), *map(_short, model.get("test_policies") or [])]
+    swept: dict[str, list[int]] = {}
+    for row in rows:
+        swept.setdefault(row["policy"].split(" (")[0], []).append(int(row["r"]))  # "DTEMHard (untrained)"
+    assert list(swept.items()) == [(n, [0] if n == "NoMerge" else [0, 2, 4]) for n in names]
     assert (tmp_path / "debug").exists()
 
 
@@ -308,4 +299,5 @@ def test_fit_resumes_from_checkpoint(image_root, tmp_path):
     resumed = sorted(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)[-1]
     assert resumed != first  # a new version folder: the first run is not overwritten
     ckpt = torch.load(resumed, weights_only=True)
-    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 1
+    # Written at the end of training (FinalCheckpoint): both epochs done, so the epoch counter reads 2.
+    assert ckpt["global_step"] == 4 and ckpt["epoch"] == 2

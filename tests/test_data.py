@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CIFAR, needs_shared
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import RandAugment
@@ -19,12 +20,9 @@ from dtem_lightning.data import BaseDataModule, ImageFolderDataModule, Synthetic
 from dtem_lightning.data.base import ResumableSampler, SeededDataset, resolve_backbone_config
 from dtem_lightning.data.folder import to_rgb
 
-CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg-subset"
-CIFAR_ZIP = CIFAR_DIR / "cifar10_train2000pc_test500pc.zip"
+CIFAR_ZIP = CIFAR
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-needs_cifar = pytest.mark.skipif(
-    not CIFAR_ZIP.is_file(), reason=f"CIFAR-10 JPEG subset not found at {CIFAR_ZIP}"
-)
+needs_cifar = needs_shared(CIFAR)
 
 
 def rgb(h: int = 20, w: int = 24, seed: int = 0) -> Image.Image:

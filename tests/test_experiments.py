@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import sys
 import zipfile
 from pathlib import Path
@@ -165,7 +166,11 @@ def test_headroom_on_tiny_model(tmp_path):
     )
     assert len(rows) == 1 + 4 * 2 and all(r["n"] == 16 for r in rows)
     summary = headroom.summarize(rows)
-    assert [s["r"] for s in summary] == [4, 8] and all(s["spread"] >= 0 for s in summary)
+    assert [s["r"] for s in summary] == [4, 8]
+    for s in summary:
+        accs = [r["acc1"] for r in rows if r["r"] == s["r"]]
+        assert (s["best_acc1"], s["worst_acc1"]) == (max(accs), min(accs))
+        assert s["spread"] == pytest.approx(max(accs) - min(accs))
     text = headroom.markdown(rows, summary)
     assert "| random embedding (seed 1) |" in text and "verdict" in text
     raw = headroom.RawInput(r=8)
@@ -192,6 +197,26 @@ def test_headroom_on_tiny_model(tmp_path):
     torch.save({"state_dict": {"backbone.x": torch.zeros(1)}}, ckpt)
     with pytest.raises(ValueError, match="no DTEM embedding"):
         headroom.trained_embedding(str(ckpt))
+
+
+def test_headroom_summary_by_hand():
+    """Best, worst, spread and standard error per r, and the verdict at 2 standard errors (+ 1 point)."""
+    accs = {4: (50.0, 50.5, 50.6), 8: (48.0, 49.0, 49.6), 16: (44.0, 40.0, 43.0)}  # metrics A, B, C
+    rows = [{"metric": "NoMerge", "r": 0, "acc1": 60.0, "n": 10_000}]
+    rows += [
+        {"metric": m, "r": r, "acc1": a, "n": 10_000} for r, row in accs.items() for m, a in zip("ABC", row)
+    ]
+    summary = headroom.summarize(rows)
+    assert [(s["r"], s["best"], s["worst"]) for s in summary] == [
+        (4, "C", "A"),
+        (8, "C", "A"),
+        (16, "A", "B"),
+    ]
+    assert [s["spread"] for s in summary] == pytest.approx([0.6, 1.6, 4.0])
+    for s, row in zip(summary, accs.values(), strict=True):
+        mean = sum(row) / 300  # NoMerge's 60 % is not a merging metric: left out
+        assert s["stderr"] == pytest.approx(100 * math.sqrt(mean * (1 - mean) / 10_000))  # ~0.5 point each
+    assert [s["verdict"] for s in summary] == ["no headroom", "small", "headroom"]
 
 
 def test_visualize_merges_writes_png(tmp_path):

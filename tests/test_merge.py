@@ -9,11 +9,15 @@ from dtem_lightning import merge as M
 
 
 def reference_tome(x, size, metric, r, num_prefix):
-    """Loop-per-image reference of the ToMe rule written from its description (DESIGN.md 2.2)."""
+    """Loop-per-image reference of the ToMe rule written from its description (DESIGN.md 2.2).
+
+    ToMe alternates over the whole sequence: tokens at even sequence index are sources, at odd index
+    destinations; prefix tokens (class, distillation) never merge. Unmerged sources keep their original order.
+    """
     out_x, out_s = [], []
     for b in range(x.shape[0]):
         pre, pat = list(range(num_prefix)), list(range(num_prefix, x.shape[1]))
-        dst, src = pat[0::2], pat[1::2]
+        dst, src = [i for i in pat if i % 2 == 1], [i for i in pat if i % 2 == 0]
         rr = min(r, len(pat) // 2)
         m = metric[b] / metric[b].norm(dim=-1, keepdim=True)
         best = {i: max(dst, key=lambda j: float(m[i] @ m[j])) for i in src}
@@ -30,7 +34,11 @@ def reference_tome(x, size, metric, r, num_prefix):
     return torch.stack(out_x), torch.stack(out_s)
 
 
-@pytest.mark.parametrize("num_prefix,n,r", [(1, 17, 5), (1, 17, 100), (5, 20, 4), (0, 9, 3), (2, 12, 0)])
+@pytest.mark.parametrize(
+    "num_prefix,n,r",
+    [(1, 17, 5), (1, 17, 100), (5, 20, 4), (0, 9, 3), (0, 10, 4), (2, 12, 0), (2, 12, 4), (2, 13, 3),
+     (2, 13, 100), (4, 15, 5)],
+)  # fmt: skip
 def test_bipartite_matches_reference(num_prefix, n, r):
     x, metric = torch.randn(3, n, 8, dtype=torch.float64), torch.randn(3, n, 6, dtype=torch.float64)
     size = torch.rand(3, n, 1, dtype=torch.float64) + 0.5
@@ -40,6 +48,24 @@ def test_bipartite_matches_reference(num_prefix, n, r):
     assert got_x.shape == ref_x.shape == (3, n - min(r, (n - num_prefix) // 2), 8)
     torch.testing.assert_close(got_x, ref_x)
     torch.testing.assert_close(got_s, ref_s)
+
+
+def test_hard_split_offset_follows_sequence_parity():
+    # destinations are the patches at odd sequence index: P = 1 -> patch 0 (index 1); P = 0, 2 -> patch 1
+    assert [M.hard_split_offset(p) for p in range(6)] == [1, 0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="-1"):
+        M.hard_split_offset(-1)
+
+
+@pytest.mark.parametrize("num_prefix,n", [(2, 12), (2, 13), (0, 9), (1, 2), (2, 3), (0, 1)])
+def test_unmerge_inverts_the_layout_for_every_prefix(num_prefix, n):
+    x, metric = torch.randn(2, n, 3), torch.randn(2, n, 4)
+    r = (n - num_prefix) // 2
+    merge, unmerge = M.bipartite_matching(metric, r, num_prefix)
+    merge0, unmerge0 = M.bipartite_matching(metric, 0, num_prefix)
+    assert torch.equal(unmerge0(merge0(x)), x)  # r = 0 only reorders: unmerge undoes it exactly
+    source = merge(torch.eye(n).expand(2, n, n).clone(), "sum")
+    torch.testing.assert_close(unmerge(merge(x, "mean")), M.unmerge_tokens(merge(x, "mean"), source))
 
 
 def test_merge_conserves_size_and_weighted_sum():
@@ -113,19 +139,20 @@ def _separated_embedding(n_src=8, n_dst=9, dim=24, seed=0):
 def test_soft_grouping_reduces_to_hard_matching(seed):
     src, dst = _separated_embedding(seed=seed)
     r = 4
-    # Hard rule (2.2) on the same embedding, in the interleaved layout the matcher expects.
-    tokens = torch.zeros(1, 17, src.shape[-1])
-    tokens[:, 0::2], tokens[:, 1::2] = dst, src
-    merge, _ = M.bipartite_matching(tokens, r, 0)
-    source = merge(torch.eye(17).double()[None], "sum")
+    # Hard rule (2.2) on the same embedding, in the interleaved layout the matcher expects: one prefix token,
+    # destinations at odd sequence index (1, 3, ..., 17), sources at even index (2, 4, ..., 16).
+    tokens = torch.zeros(1, 18, src.shape[-1])
+    tokens[:, 1::2], tokens[:, 2::2] = dst, src
+    merge, _ = M.bipartite_matching(tokens, r, 1)
+    source = merge(torch.eye(18).double()[None], "sum")
     hard = torch.zeros(8, 9)
     for row in source[0]:
         members = row.nonzero().flatten().tolist()
         if len(members) > 1:
-            d = [m for m in members if m % 2 == 0][0] // 2
+            d = [m for m in members if m % 2 == 1][0] // 2
             for m in members:
-                if m % 2 == 1:
-                    hard[m // 2, d] = 1
+                if m % 2 == 0:
+                    hard[m // 2 - 1, d] = 1
     assert hard.sum() == r
     for tau2 in (1e-2, 1e-3):
         w = M.soft_grouping(src, dst, r, k=3, tau1=0.1, tau2=tau2)[0]
@@ -162,3 +189,46 @@ def test_patch_groups_from_source_map():
     assert groups.shape == (2, 16)
     assert all(len(set(g.tolist())) == 16 - 5 for g in groups)  # 16 patches in 11 tokens
     assert torch.equal(M.patch_groups(torch.eye(5)[None], 1), torch.tensor([[1, 2, 3, 4]]))
+
+
+def reference_tome_vit(vit, images, r):
+    """Whole-model ToMe forward written from DESIGN.md 2.1/2.2: eager attention with a log(size) bias per key,
+    keys averaged over heads as the metric, :func:`reference_tome` after attention, the timm head."""
+    P = vit.num_prefix_tokens
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
+    size = torch.ones(x.shape[0], x.shape[1], 1)
+    for blk in vit.blocks:
+        a = blk.attn
+        B, N, C = x.shape
+        u = blk.norm1(x)
+        q, k, v = a.qkv(u).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = a.q_norm(q), a.k_norm(k)
+        logits = q @ k.transpose(-2, -1) * a.scale + torch.log(size)[:, None, None, :, 0]
+        h = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C)
+        x = x + blk.ls1(a.proj(a.norm(h)))
+        x, size = reference_tome(x, size, k.mean(1), r, P)
+        x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+    return vit.forward_head(vit.norm(x)), size
+
+
+def test_tome_on_distilled_deit_matches_reference():
+    """Class + distillation token: both protected, the split alternates over the whole sequence (ToMe's rule)."""
+    import timm
+
+    from dtem_lightning import ToMe, apply_policy
+
+    kw = dict(img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=10)
+    vit = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **kw).eval()
+    assert vit.num_prefix_tokens == 2
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, ref_size = reference_tome_vit(vit, images, r=10)
+        policy = ToMe(r=10, trace_source=True)
+        apply_policy(vit, policy)
+        out = vit(images)
+    assert policy.state.tokens == [56, 46, 36]
+    torch.testing.assert_close(policy.state.size, ref_size)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    # class and distillation tokens stay first, unmerged, each standing for itself
+    assert torch.equal(policy.state.source[:, :2, :2], torch.eye(2).expand(2, 2, 2))
+    assert torch.equal(policy.state.source[:, :2].sum(-1), torch.ones(2, 2))

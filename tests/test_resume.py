@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 
 import torch
-from test_cli import CIFAR, CONFIGS, ROOT
+from conftest import CIFAR, needs_shared
+from test_cli import CONFIGS, ROOT
 
 HELPERS = Path(__file__).parent / "helpers"
+# Both fits need the subset's size (5 batches of 8 per epoch); without it a fit would fail on a missing root,
+# which test_ddp_worker_death_ends_the_job would count as a pass.
+pytestmark = needs_shared(CIFAR)
 
 
 def _fit(out: Path, extra: list[str]) -> subprocess.CompletedProcess:
@@ -35,7 +39,6 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
-    assert CIFAR.exists(), f"the shared CIFAR-10 subset is missing: {CIFAR}"
     full = _fit(tmp_path / "full", [])
     assert full.returncode == 0, full.stderr[-3000:]
     # Killed as step 3 begins (epoch 0 has 5 batches): the checkpoint after 3 steps is on disk.

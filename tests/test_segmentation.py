@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import lightning as L
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 from PIL import Image
 
 from dtem_lightning.data.segmentation import (
+    CAMVID_CLASSES,
     IGNORE_INDEX,
     ADE20KDataModule,
     CamVidDataModule,
@@ -85,15 +88,27 @@ def test_trace_source_forced_and_decoders_shapes():
         make_task(decoder="fpn")
 
 
-def test_sliding_window_covers_image_and_matches_single_window():
+def test_sliding_window_averages_every_window_and_one_window_is_forward():
     assert _starts(100, 32, 21) == [0, 21, 42, 63, 68] and _starts(20, 20, 21) == [0]
     task = make_task(ToMe(r=4))
+    assert (task.window, task.stride) == (32, 20)  # stride: 2/3 of the window, rounded to the 4-pixel patch
     x = torch.randn(2, 3, 44, 72)
+    tops, lefts = [0, 12], [0, 20, 40]  # every 20 pixels, the last window flush with the bottom/right edge
     with torch.no_grad():
         slid = task.inference(x)
-        task.window = 72  # larger window: one pass
+        windows = {(t, c): task(x[..., t : t + 32, c : c + 32]) for t in tops for c in lefts}
+        task.window = 72  # the whole image fits: one pass, the plain forward
         whole = task.inference(x)
-    assert slid.shape == whole.shape == (2, 5, 44, 72) and torch.isfinite(slid).all()
+        assert torch.equal(whole, task(x))
+    total, count = torch.zeros_like(slid), torch.zeros(44, 72)
+    for (t, c), logits in windows.items():
+        total[..., t : t + 32, c : c + 32] += logits
+        count[t : t + 32, c : c + 32] += 1
+    assert count.min() == 1 and count.max() == 4
+    torch.testing.assert_close(slid, total / count)
+    # Pixels only the top-left window covers carry exactly that window's logits; windows see different context.
+    assert torch.equal(slid[..., :12, :20], windows[0, 0][..., :12, :20])
+    assert not torch.allclose(slid, whole, atol=1e-3)
     assert task.gmacs((3, 44, 72)) < make_task(ToMe(r=4)).gmacs((3, 44, 72))  # 1 window vs 6
 
 
@@ -162,7 +177,18 @@ def test_fit_test_predict_writes_sweep_and_pngs(tmp_path):
     assert [(r["policy"], r["r"]) for r in rows] == [("NoMerge", 0), ("ToMe", 0), ("ToMe", 4)]
     assert rows[0]["miou"] == rows[1]["miou"] and {"miou", "pixel_acc"} <= set(rows[0])
     assert rows[2]["tokens"] < rows[1]["tokens"]
-    assert task.class_iou[0]["sky"] >= 0 and (tmp_path / "lightning_logs").rglob("class_iou.csv")
+    assert [list(row)[:3] for row in task.class_iou] == [["policy", "r", "miou"]] * 3
+    (written,) = (tmp_path / "lightning_logs").rglob("class_iou.csv")
+    with written.open() as f:
+        table = list(csv.reader(f))
+    assert table[0] == ["policy", "r", "miou", *CAMVID_CLASSES]
+    assert [(p, int(r)) for p, r, *_ in table[1:]] == [("NoMerge", 0), ("ToMe", 0), ("ToMe", 4)]
+    for line, row, iou in zip(table[1:], rows, task.class_iou, strict=True):
+        per_class = [
+            float(v) for v in line[3:]
+        ]  # every class occurs in the random labels: miou is their mean
+        assert per_class == pytest.approx(list(iou.values())[3:]) and all(0 <= v <= 1 for v in per_class)
+        assert float(line[2]) == pytest.approx(row["miou"]) == pytest.approx(sum(per_class) / len(per_class))
     trainer.predict(task, dm)
     pngs = sorted(tmp_path.rglob("predictions/*.png"))
     assert len(pngs) == 2

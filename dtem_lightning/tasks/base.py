@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import pickle
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from dtem_lightning import flops
+from dtem_lightning import merge as M
 from dtem_lightning.patch import apply_policy, num_tokens, use_policy
 from dtem_lightning.policy import MergePolicy, NoMerge
 
@@ -89,6 +91,20 @@ def policy_label(policy: MergePolicy, trained: bool) -> str:
     return f"{name} (untrained)" if has_params and not trained else name
 
 
+def policy_config(policy: MergePolicy) -> tuple[type, tuple[tuple[str, Any], ...]] | None:
+    """(class, init arguments but ``r``) of a policy: what its sweep rows compute.
+
+    ``r`` is left out because the sweep runs every policy at each ``test_r``. Arguments are read back from the
+    attributes of the same name; None when one is not readable, and such a policy is never taken for a duplicate.
+    """
+    params = list(inspect.signature(type(policy).__init__).parameters.values())[1:]
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params):
+        return None
+    missing = object()
+    args = tuple((p.name, getattr(policy, p.name, missing)) for p in params if p.name != "r")
+    return None if any(v is missing for _, v in args) else (type(policy), args)
+
+
 class BaseTask(L.LightningModule):
     """Common machinery of all tasks; a subclass implements :meth:`build_head` extras and :meth:`step`.
 
@@ -103,9 +119,14 @@ class BaseTask(L.LightningModule):
         optimizer: optimizer factory (from the config).
         lr_scheduler: scheduler factory; :class:`CosineLR` gets its total steps from the trainer.
         no_weight_decay_1d: put biases, norms and other 1-D parameters in a group without weight decay.
-        test_r: reduction rates evaluated by the test loop, each with its own metrics.
+        test_r: reduction rates evaluated by the test loop, each with its own metrics: ints (every block) or
+            per-block schedules, as lists (``[[8, 8, 4, 0], 16]``) or strings (``"8,8,4,0"``, the form of
+            ``experiments/headroom.py --r``); default: the policy's own r (its whole schedule).
         test_policies: further policies evaluated in the same test pass (e.g. NoMerge, ToMe, an untrained
-            DTEMHard control row); each is bound to the same backbone.
+            DTEMHard control row); each is bound to the same backbone. An entry that repeats the task's own
+            policy or an earlier entry (same class, same init arguments but r, same row label) would write the
+            same rows twice: it is dropped with a warning. A DTEMHard control next to a DTEM policy is kept:
+            it is the untrained control.
         trust_checkpoint: allow a ``checkpoint_path`` file that needs arbitrary pickled code to load (only
             for files you trust); by default such a file is refused.
     """
@@ -122,7 +143,8 @@ class BaseTask(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         no_weight_decay_1d: bool = True,
-        test_r: list[int] | None = None,
+        # int | str | list in this order: jsonargparse then appends "8,4" (test_r+=8,4) as a string
+        test_r: list[int | str | list] | None = None,
         test_policies: list[MergePolicy] | None = None,
         trust_checkpoint: bool = False,
     ) -> None:
@@ -140,20 +162,45 @@ class BaseTask(L.LightningModule):
             raise ValueError(f"image size {tuple(img)} is not divisible by the patch size {tuple(patch)}")
         self.policy = policy if policy is not None else NoMerge()
         apply_policy(self.backbone, self.policy)
-        self.test_policies = nn.ModuleList(test_policies or [])
+        # Duplicates go before binding: a bound ToMe would keep reading keys through its hooks.
+        self.test_policies = nn.ModuleList(self._without_duplicates(list(test_policies or [])))
         for p in self.test_policies:
             p.bind(self.backbone)
         use_policy(self.backbone, self.policy)
-        self.test_r = (
-            list(test_r) if test_r is not None else [self.policy.schedule[0] if self.policy.schedule else 0]
-        )
-        for r in self.test_r:
-            if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-                raise ValueError(f"test_r must be non-negative ints, got {r!r} in {self.test_r}")
+        # The policy's own r, schedule included: ToMe(r=[8, 4, 0, 0]) is swept as that schedule.
+        self.test_r = [self._check_r(r) for r in (test_r if test_r is not None else [self.policy.r])]
         if freeze_backbone:
             self.backbone.requires_grad_(False)
         self.sweep_results: list[dict[str, Any]] = []
         self._input_size: tuple[int, int, int] | None = None
+
+    def _check_r(self, r: int | list[int] | str) -> int | list[int]:
+        """One ``test_r`` entry parsed and checked against the backbone's depth (errors name the entry)."""
+        try:
+            r = M.parse_r(r)
+            M.r_schedule(r, self.policy.depth)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad test_r entry {r!r}: {e}") from None
+        return r
+
+    def _without_duplicates(self, test_policies: list[MergePolicy]) -> list[MergePolicy]:
+        """``test_policies`` minus entries whose rows the task's own policy or an earlier entry already writes."""
+        own = (policy_label(self.policy, trained=True), policy_config(self.policy))
+        seen = [(own, "the task's own policy")]
+        kept = []
+        for i, p in enumerate(test_policies):
+            ident = (policy_label(p, trained=False), policy_config(p))
+            twin = next((where for known, where in seen if ident[1] is not None and known == ident), None)
+            if twin is not None:
+                warnings.warn(
+                    f"test_policies[{i}] {type(p).__name__}({p.extra_repr()}) repeats {twin}: dropped (its rows "
+                    "would be written twice)",
+                    stacklevel=3,
+                )
+                continue
+            seen.append((ident, f"test_policies[{i}]"))
+            kept.append(p)
+        return kept
 
     # ------------------------------------------------------------------ model
     def backbone_create_kwargs(self) -> dict[str, Any]:
@@ -201,13 +248,18 @@ class BaseTask(L.LightningModule):
         pairs = [(policy_label(self.policy, trained=True), self.policy)]
         return pairs + [(policy_label(p, trained=False), p) for p in self.test_policies]
 
-    def sweep(self) -> list[tuple[int, str, MergePolicy, int]]:
-        """(index, label, policy, r) of every test-loop evaluation; NoMerge is evaluated once."""
+    def sweep(self) -> list[tuple[int, str, MergePolicy, int | list[int]]]:
+        """(index, label, policy, r) of every test-loop evaluation (r: constant or schedule); NoMerge once."""
         out = []
         for i, (label, p) in enumerate(self.policies()):
             for r in [0] if isinstance(p, NoMerge) else self.test_r:
                 out.append((i, label, p, r))
         return out
+
+    @staticmethod
+    def sweep_key(i: int, r: int | list[int]) -> str:
+        """Name of the metric collection of policy ``i`` at ``r`` (key-safe also for schedules)."""
+        return f"p{i}_r{M.r_key(r)}"
 
     # ------------------------------------------------------------------ hooks for subclasses
     def metrics(self) -> MetricCollection:
@@ -246,9 +298,9 @@ class BaseTask(L.LightningModule):
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
         self.val_metrics = self.metrics().to(self.device)
-        self.test_metrics = nn.ModuleDict({f"p{i}_r{r}": self.metrics() for i, _, _, r in self.sweep()}).to(
-            self.device
-        )
+        self.test_metrics = nn.ModuleDict(
+            {self.sweep_key(i, r): self.metrics() for i, _, _, r in self.sweep()}
+        ).to(self.device)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         # Randomness of a step (mixup, drop-path) depends on (seed, step, rank) only, so a resumed run
@@ -289,14 +341,15 @@ class BaseTask(L.LightningModule):
         for i, _, policy, r in self.sweep():
             with self.running(policy, r):
                 preds, target = self.evaluate(batch)
-            self.test_metrics[f"p{i}_r{r}"].update(preds, target)
+            self.test_metrics[self.sweep_key(i, r)].update(preds, target)
 
     def on_test_epoch_end(self) -> None:
         self.sweep_results = []
         for i, label, policy, r in self.sweep():
-            computed = self.test_metrics[f"p{i}_r{r}"].compute()
+            key = self.sweep_key(i, r)
+            computed = self.test_metrics[key].compute()
             values = {k: float(v) for k, v in computed.items() if v.numel() == 1}  # scalar columns only
-            self.test_metrics[f"p{i}_r{r}"].reset()
+            self.test_metrics[key].reset()
             gf, tokens = float("nan"), -1  # no test batch seen: nothing to size the model with
             if self._input_size is not None:
                 with self.running(policy, r):
@@ -304,12 +357,13 @@ class BaseTask(L.LightningModule):
                     tokens = policy.token_counts(self.num_input_tokens(self._input_size))[-1]
             prefix = "test" if i == 0 else f"test/{label}"
             for k, v in {**values, "gflops": gf}.items():
-                self.log(f"{prefix}/{k}/r{r}", v, sync_dist=False, rank_zero_only=True)
-            self.sweep_results.append({"policy": label, "r": r, "gflops": gf, "tokens": tokens, **values})
+                self.log(f"{prefix}/{k}/r{M.r_key(r)}", v, sync_dist=False, rank_zero_only=True)
+            row = {"policy": label, "r": M.r_label(r), "gflops": gf, "tokens": tokens, **values}
+            self.sweep_results.append(row)
 
     @contextmanager
-    def running(self, policy: MergePolicy, r: int) -> Iterator[None]:
-        """Run the backbone with ``policy`` at reduction ``r``; the task's own policy is back afterwards."""
+    def running(self, policy: MergePolicy, r: int | list[int]) -> Iterator[None]:
+        """Run the backbone with ``policy`` at reduction ``r`` (constant or schedule); own policy back afterwards."""
         use_policy(self.backbone, policy)
         try:
             with policy.reduce(r):

@@ -289,10 +289,10 @@ class SegmentationTask(BaseTask):
         names = self.class_names or [f"class_{i}" for i in range(self.num_classes)]
         self.class_iou = []
         for (i, label, _, r), row in zip(self.sweep(), self.sweep_results):
-            ious = vectors.get(f"p{i}_r{r}")
+            ious = vectors.get(self.sweep_key(i, r))
             if ious is not None:
                 self.class_iou.append(
-                    {"policy": label, "r": r, "miou": row.get("miou"), **dict(zip(names, ious))}
+                    {"policy": label, "r": row["r"], "miou": row.get("miou"), **dict(zip(names, ious))}
                 )
         if self.class_iou and self.trainer.is_global_zero and self.trainer.log_dir:
             path = Path(self.trainer.log_dir) / "class_iou.csv"
