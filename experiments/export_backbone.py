@@ -1,4 +1,5 @@
-"""Export a trained task checkpoint's backbone to a timm-loadable safetensors file (fp16 by default)."""
+"""Export a trained task checkpoint's backbone to a timm-loadable safetensors file (fp16 by default), or with
+``--task`` the whole task's weights as a slim Lightning checkpoint (no optimizer or loop state) for ``init_from``."""
 
 from __future__ import annotations
 
@@ -44,13 +45,34 @@ def export(ckpt_path: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+TASK_KEYS = ("state_dict", "hyper_parameters", "pytorch-lightning_version", "epoch", "global_step")
+
+
+def export_task(ckpt_path: str | Path, out: str | Path) -> str:
+    """Write ``ckpt_path`` without its optimizer, scheduler, loop and callback state (float32 weights kept as they
+    are): loadable with ``Task.load_from_checkpoint`` and as ``--model.init_args.init_from``; returns its sha256."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    missing = [k for k in TASK_KEYS[:2] if k not in ckpt]
+    if missing:
+        raise KeyError(f"{ckpt_path} is not a task checkpoint written by dtem fit: no {missing[0]}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: ckpt[k] for k in TASK_KEYS if k in ckpt}, out)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python experiments/export_backbone.py CKPT OUT [--dtype float32]``."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("ckpt", type=Path)
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    ap.add_argument("--task", action="store_true", help="the whole task's weights as a slim .ckpt instead")
     args = ap.parse_args(argv)
+    if args.task:
+        digest = export_task(args.ckpt, args.out)
+        print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.2f} MiB, task weights), sha256 {digest}")
+        return 0
     digest = export(args.ckpt, args.out, getattr(torch, args.dtype))
     size = args.out.stat().st_size / 2**20
     print(f"wrote {args.out} ({size:.2f} MiB, {args.dtype}), sha256 {digest}")

@@ -1,4 +1,5 @@
-"""Headroom check: does the choice of merge metric matter at the target r? (ToMe keys, random embeddings, raw input)."""
+"""Headroom check: does the choice of merge metric matter at the target r? (ToMe keys, random embeddings, raw input;
+for segmentation also an oracle that merges only inside ground-truth classes)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtem_lightning import merge as M
@@ -22,6 +24,55 @@ class RawInput(MergePolicy):
 
     def metric(self, layer: int, u: Tensor) -> Tensor | None:
         return u
+
+
+class OracleLabels(MergePolicy):
+    """Hard merging on each token's ground-truth label histogram: merges stay inside one class (analysis only).
+
+    The histogram of a token is the sum of its patches' per-class pixel fractions, carried through merges by the
+    source map; set :attr:`patch_hist` [B, N0, K] (:func:`patch_histograms`) before each forward. It bounds what
+    a learned metric could win by merge choice alone.
+    """
+
+    def __init__(self, r: int | list[int] = 0, prop_attn: bool = True) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=True)
+        self.patch_hist: Tensor | None = None
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        if self.patch_hist is None:
+            raise RuntimeError("OracleLabels needs patch_hist (the labels) before each forward")
+        return self.state.source.to(self.patch_hist.dtype) @ self.patch_hist
+
+
+def patch_histograms(
+    labels: Tensor, patch: int, num_classes: int, ignore_index: int, num_prefix: int
+) -> Tensor:
+    """Per-class pixel fractions of every patch: labels [B, H, W] -> [B, num_prefix + h·w, K] (prefix rows 0).
+
+    Ignored pixels count for no class, so an all-void patch has a zero histogram (similar to nothing).
+    """
+    valid = labels != ignore_index
+    onehot = F.one_hot(labels.masked_fill(~valid, 0), num_classes).float() * valid[..., None]  # [B, H, W, K]
+    hist = F.avg_pool2d(onehot.permute(0, 3, 1, 2), patch).flatten(2).transpose(1, 2)  # [B, h·w, K]
+    return F.pad(hist, (0, 0, num_prefix, 0))
+
+
+def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """Per-image confusion matrices [B, K, K] (rows: target) of label maps [B, H, W]."""
+    out = []
+    for p, t in zip(pred, target, strict=True):
+        keep = t != ignore_index
+        out.append(torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes**2))
+    return torch.stack(out).view(-1, num_classes, num_classes)
+
+
+def miou(conf: Tensor) -> float:
+    """Mean IoU (in %) of a summed confusion matrix [K, K], over the classes present in target or prediction."""
+    conf = conf.double()
+    tp = conf.diagonal()
+    union = conf.sum(0) + conf.sum(1) - tp
+    present = union > 0
+    return float(100 * (tp[present] / union[present]).mean())
 
 
 def candidate_policies(
@@ -82,6 +133,22 @@ def trained_embedding(ckpt_path: str) -> dict[str, Tensor]:
     return out
 
 
+Job = tuple[str, MergePolicy, int | str]
+
+
+def _jobs(pols: list[tuple[str, MergePolicy]], rs: list[int | str]) -> list[Job]:
+    """(name, policy, r) of every evaluation: NoMerge once at r = 0, every other metric at every r."""
+    return [(name, p, r) for name, p in pols for r in ([0] if isinstance(p, NoMerge) else rs)]
+
+
+def _each_job(vit: nn.Module, jobs: list[Job]) -> Iterator[int]:
+    """Yield the index of every job with its policy in use at its r (the caller runs the model in the loop)."""
+    for j, (_, p, r) in enumerate(jobs):
+        use_policy(vit, p)
+        with p.reduce(_schedule(r)):
+            yield j
+
+
 @torch.inference_mode()
 def evaluate(
     vit: nn.Module,
@@ -104,15 +171,13 @@ def evaluate(
     """
     vit.eval()
     pols = candidate_policies(vit, seeds, trained)
-    jobs = [(name, p, r) for name, p in pols for r in ([0] if isinstance(p, NoMerge) else rs)]
+    jobs = _jobs(pols, rs)
     correct = [0] * len(jobs)
     n = 0
     for x, y in batches:
         n += len(y)
-        for j, (_, p, r) in enumerate(jobs):
-            use_policy(vit, p)
-            with p.reduce(_schedule(r)):
-                correct[j] += int((vit(x).argmax(-1) == y).sum())
+        for j in _each_job(vit, jobs):
+            correct[j] += int((vit(x).argmax(-1) == y).sum())
     use_policy(vit, pols[0][1])
     return [
         {"metric": name, "r": r, "acc1": 100.0 * c / max(n, 1), "n": n}
@@ -120,18 +185,79 @@ def evaluate(
     ]
 
 
-def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    """Per r: best and worst merging metric, their spread and the binomial standard error of one accuracy.
+@torch.inference_mode()
+def evaluate_segmentation(
+    task: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    rs: list[int | str],
+    seeds: int = 5,
+    trained: dict[str, Tensor] | None = None,
+    crop: int | None = None,
+    resamples: int = 1000,
+) -> list[dict[str, object]]:
+    """mIoU of every candidate metric (and the label oracle) at every r, one window per image, in one pass.
 
+    Args:
+        task: a trained :class:`~dtem_lightning.tasks.segmentation.SegmentationTask`.
+        batches: (images [B, 3, H, W], labels [B, H, W]) pairs; each image is centre-cropped to ``crop`` × ``crop``
+            (default: the task's window) so that one window covers it and the oracle sees that window's labels.
+        rs, seeds, trained: as in :func:`evaluate`.
+        resamples: bootstrap resamples over images for the standard error of each mIoU.
+
+    Returns:
+        Rows ``{"metric", "r", "miou", "stderr", "n"}`` (NoMerge once, at r = 0); mIoU in percent.
+    """
+    task.eval()
+    vit, K, ig = task.backbone, task.num_classes, task.ignore_index
+    crop = crop or task.window
+    pols = candidate_policies(vit, seeds, trained)
+    oracle = OracleLabels()
+    oracle.bind(vit)
+    pols.append(("oracle (ground-truth labels)", oracle))
+    for _, p in pols:
+        p.trace_source = True  # segmentation unmerges through the source map
+    jobs = _jobs(pols, rs)
+    confs: list[list[Tensor]] = [[] for _ in jobs]
+    for x, y in batches:
+        top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
+        x, y = x[..., top : top + crop, left : left + crop], y[..., top : top + crop, left : left + crop]
+        oracle.patch_hist = patch_histograms(y, task.patch[0], K, ig, vit.num_prefix_tokens)
+        for j in _each_job(vit, jobs):
+            confs[j].append(confusion(task(x).argmax(1), y, K, ig))
+    use_policy(vit, pols[0][1])
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for (name, _, r), c in zip(jobs, confs, strict=True):
+        c = torch.cat(c)  # [n, K, K]
+        idx = torch.randint(0, len(c), (resamples, len(c)), generator=g)
+        boot = torch.tensor([miou(c[i].sum(0)) for i in idx])
+        rows.append(
+            {"metric": name, "r": r, "miou": miou(c.sum(0)), "stderr": float(boot.std()), "n": len(c)}
+        )
+    return rows
+
+
+def score_key(rows: list[dict[str, object]]) -> str:
+    """The score column of headroom rows: ``miou`` (segmentation) or ``acc1`` (classification)."""
+    return "miou" if "miou" in rows[0] else "acc1"
+
+
+def summarize(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Per r: best and worst merging metric, their spread and the standard error of one score.
+
+    The standard error is the binomial one of an accuracy, or for mIoU the mean of the rows' bootstrap errors.
     The verdict is "no headroom" when the spread is within 2 standard errors (no learned metric can be shown to
     win), "small" within 1 point beyond that, else "headroom".
     """
-    out = []
+    key, out = score_key(rows), []
     for r in sorted({row["r"] for row in rows if row["r"]}, key=_r_key):
-        accs = {row["metric"]: row["acc1"] for row in rows if row["r"] == r}
-        n = next(row["n"] for row in rows if row["r"] == r)
-        mean = sum(accs.values()) / len(accs) / 100
-        se = 100 * math.sqrt(max(mean * (1 - mean), 1e-12) / max(n, 1))
+        at_r = [row for row in rows if row["r"] == r]
+        accs = {row["metric"]: row[key] for row in at_r}
+        if key == "miou":
+            se = sum(row["stderr"] for row in at_r) / len(at_r)
+        else:
+            mean = sum(accs.values()) / len(accs) / 100
+            se = 100 * math.sqrt(max(mean * (1 - mean), 1e-12) / max(at_r[0]["n"], 1))
         best, worst = max(accs, key=accs.get), min(accs, key=accs.get)
         spread = accs[best] - accs[worst]
         verdict = "no headroom" if spread <= 2 * se else "small" if spread <= 2 * se + 1 else "headroom"
@@ -146,7 +272,8 @@ def markdown(rows: list[dict[str, object]], summary: list[dict[str, object]]) ->
     """Two Markdown tables: top-1 per metric (rows) and r (columns), then the per-r summary."""
     rs = sorted({row["r"] for row in rows if row["r"]}, key=_r_key)
     names = list(dict.fromkeys(row["metric"] for row in rows))
-    acc = {(row["metric"], row["r"]): row["acc1"] for row in rows}
+    key = score_key(rows)
+    acc = {(row["metric"], row["r"]): row[key] for row in rows}
     lines = ["| metric | " + " | ".join(f"r={r}" for r in rs) + " |", "|---|" + "---|" * len(rs)]
     for name in names:
         if name == "NoMerge":
@@ -195,9 +322,16 @@ def main(argv: list[str] | None = None) -> int:
         "--embedding", help="a DTEM training checkpoint (.ckpt): add its trained embedding as rows"
     )
     ap.add_argument("--out", type=Path, help="write the Markdown tables here (and rows as .json beside it)")
+    ap.add_argument(
+        "--seg-ckpt",
+        help="segmentation instead: a CamVid SegmentationTask checkpoint (.ckpt); --root is then the CamVid root; "
+        "every image is centre-cropped to one window and an oracle row (ground-truth label histograms) is added",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.seg_ckpt:
+        return _main_segmentation(args)
 
     import timm
 
@@ -227,6 +361,29 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, summarize(rows))
     header = f"Headroom check: {args.backbone} {kwargs}, weights {args.checkpoint_path}, split {folder}/ "
     header += f"({rows[0]['n']} images), top-1 %.\n\n"
+    print(header + text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(header + text + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+def _main_segmentation(args: argparse.Namespace) -> int:
+    from dtem_lightning.data.segmentation import CamVidDataModule
+    from dtem_lightning.tasks.segmentation import SegmentationTask
+
+    task = SegmentationTask.load_from_checkpoint(args.seg_ckpt, map_location="cpu", weights_only=True)
+    dm = CamVidDataModule(root=args.root, img_size=task.window, batch_size=min(args.batch_size, 16))
+    dm.setup("validate" if args.split == "val" else "test")
+    loader = dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
+    trained = trained_embedding(args.embedding) if args.embedding else None
+    rows = evaluate_segmentation(task, loader, args.r, args.seeds, trained)
+    text = markdown(rows, summarize(rows))
+    header = (
+        f"Segmentation headroom check: {args.seg_ckpt}, CamVid {args.split} split ({rows[0]['n']} images, centre "
+        f"{task.window}x{task.window} crop, one window each), mIoU % (standard error: bootstrap over images).\n\n"
+    )
     print(header + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

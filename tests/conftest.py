@@ -41,19 +41,23 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+def make_image_tree(root: Path, classes: int = 3, per_class: int = 8) -> Path:
+    """``train/`` and ``test/`` class folders of 32x32 PNGs whose brightness depends on the class."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
+                Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The CIFAR-10 subset when present, else a small generated image tree in its layout (3 classes x 8)."""
     if CIFAR.is_file():
         return str(CIFAR)
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(8):
-                arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
-                Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
-    return str(root)
+    return str(make_image_tree(tmp_path_factory.mktemp("imgs")))

@@ -15,22 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory) -> str:
-    """A generated 3-class image tree (train/ and test/), so the test needs no shared data."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in range(3):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(8):
-                arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
-                Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
-    return str(root)
-
-
 def _args(image_root: str, out: Path, *extra: str) -> list[str]:
     return [
         "-c", str(CONFIGS / "deit_s_modular.yaml"), "-c", str(CONFIGS / "debug.yaml"), *extra,

@@ -111,6 +111,26 @@ def test_export_loads_through_timm(tmp_path):
         torch.testing.assert_close(b, a.half().float(), msg=k)
 
 
+def test_export_task_is_slim_and_loads(tmp_path):
+    task = ClassificationTask(backbone="vit_tiny_patch16_224", img_size=32, num_classes=10,
+                              backbone_kwargs=dict(patch_size=4, embed_dim=48, depth=2, num_heads=2))  # fmt: skip
+    full = tmp_path / "full.ckpt"
+    state = {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "epoch": 3,
+             "pytorch-lightning_version": "2.6.6",
+             "optimizer_states": [{"state": {0: torch.zeros(1000)}}], "loops": {"fit_loop": {}}}  # fmt: skip
+    torch.save(state, full)
+    out = tmp_path / "slim.ckpt"
+    export_backbone.export_task(full, out)
+    slim = torch.load(out, weights_only=True)
+    assert set(slim) == {"state_dict", "hyper_parameters", "epoch", "pytorch-lightning_version"}
+    loaded = ClassificationTask.load_from_checkpoint(out, weights_only=True)
+    for k, v in task.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    torch.save({"state_dict": {}}, full)
+    with pytest.raises(KeyError, match="no hyper_parameters"):
+        export_backbone.export_task(full, out)
+
+
 def _write_sweep(path: Path, rows: list[tuple[str, int, float, int, float]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
@@ -236,3 +256,64 @@ def test_visualize_merges_writes_png(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     with Image.open(tmp_path / "m.png") as img:
         assert img.size == (32 * 3, 32)  # image + one panel per r
+
+
+def test_patch_histograms_and_miou_by_hand():
+    labels = torch.tensor([[[0, 0, 1, 1], [0, 2, 1, 9], [2, 2, 9, 9], [2, 2, 9, 9]]])  # 9: ignored
+    hist = headroom.patch_histograms(labels, patch=2, num_classes=3, ignore_index=9, num_prefix=1)
+    expected = torch.tensor([[0, 0, 0], [0.75, 0, 0.25], [0, 0.75, 0], [0, 0, 1], [0, 0, 0]])
+    assert torch.equal(hist[0], expected)
+    # mIoU from summed confusion equals torchmetrics' macro Jaccard (classes absent everywhere left out).
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    g = torch.Generator().manual_seed(0)
+    y, p = torch.randint(0, 6, (3, 20, 20), generator=g), torch.randint(0, 4, (3, 20, 20), generator=g)
+    y[y == 4] = 0
+    ref = MulticlassJaccardIndex(5, ignore_index=5, average="macro")
+    ref.update(p, y)
+    conf = headroom.confusion(p, y, 5, 5)
+    assert conf.shape == (3, 5, 5) and int(conf.sum()) == int((y != 5).sum())
+    assert headroom.miou(conf.sum(0)) == pytest.approx(100 * float(ref.compute()), abs=1e-4)
+
+
+def test_oracle_merges_only_inside_a_class():
+    from dtem_lightning.patch import apply_policy
+
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=32,
+                            depth=3, num_heads=2, num_classes=0).eval()  # fmt: skip
+    oracle = headroom.OracleLabels(r=20)
+    apply_policy(vit, oracle)
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    labels[0, :, 13:] = 1  # the class border cuts through patch column 3: those patches are mixed
+    labels[1, 9:, :] = 2
+    oracle.patch_hist = headroom.patch_histograms(labels, 4, 3, 255, vit.num_prefix_tokens)
+    with torch.no_grad():
+        vit.forward_features(torch.randn(2, 3, 32, 32))
+    assert oracle.state.tokens[-1] < 30  # it did merge a lot
+    hist = oracle.patch_hist
+    for b in range(2):
+        for row in oracle.state.source[b]:
+            members = hist[b, row.nonzero().flatten()]
+            pure = members[(members == 1).any(-1)]  # patches of a single class
+            assert len({int(m.argmax()) for m in pure}) <= 1, "a token mixes patches of two classes"
+
+
+def test_headroom_segmentation_rows(tmp_path):
+    from dtem_lightning.tasks.segmentation import SegmentationTask
+
+    tiny = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    task = SegmentationTask(num_classes=3, backbone="vit_tiny_patch16_224", img_size=16, backbone_kwargs=tiny)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (2, 16, 24), generator=g)
+    labels[:, :2] = task.ignore_index
+    rows = headroom.evaluate_segmentation(task, [(torch.randn(2, 3, 16, 24, generator=g), labels)], [2, 4], 1,
+                                          resamples=50)  # fmt: skip
+    names = [r["metric"] for r in rows]
+    assert names[0] == "NoMerge" and names.count("oracle (ground-truth labels)") == 2
+    assert all(r["n"] == 2 for r in rows)
+    assert all(0 <= r["miou"] <= 100 and r["stderr"] >= 0 for r in rows)
+    summary = headroom.summarize(rows)
+    assert [s["r"] for s in summary] == [2, 4]
+    at4 = [r for r in rows if r["r"] == 4]
+    assert summary[1]["stderr"] == pytest.approx(sum(r["stderr"] for r in at4) / len(at4))
+    assert "oracle" in headroom.markdown(rows, summary)

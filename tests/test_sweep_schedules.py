@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import make_image_tree
 
 from dtem_lightning import DTEMHard, DTEMSoft, NoMerge, ToMe, flops
 from dtem_lightning import merge as M
@@ -91,24 +92,11 @@ def test_repeated_policies_are_dropped_with_a_warning():
     assert [label for label, _ in hard.policies()] == ["DTEMHard", "DTEMHard (untrained)"]
 
 
-def _image_tree(root: Path) -> Path:
-    from PIL import Image
-
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "test"):
-        for c in range(2):
-            (root / split / f"c{c}").mkdir(parents=True)
-            for i in range(4):
-                arr = (torch.rand(32, 32, 3, generator=g) * 80 + c * 80).byte().numpy()
-                Image.fromarray(arr).save(root / split / f"c{c}" / f"{i}.png")
-    return root
-
-
 def test_cli_sweeps_a_schedule_string_once_per_policy(tmp_path):
     """`test_r+=4,2` (headroom.py's string form) is swept as a schedule; a repeated ToMe row is dropped."""
     args = [
         "test", "-c", str(CONFIGS / "deit_s_tome_offshelf.yaml"), "-c", str(CONFIGS / "debug.yaml"),
-        f"--data.init_args.root={_image_tree(tmp_path / 'imgs')}",
+        f"--data.init_args.root={make_image_tree(tmp_path / 'imgs')}",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
         "--model.init_args.test_r+=4,2", "--model.init_args.test_policies+=ToMe",
     ]  # fmt: skip
