@@ -203,3 +203,37 @@ CAPTION_ARGS := -c configs/flickr8k_small.yaml --trainer.logger.init_args.versio
 caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (~12 min on 2 idle CPU cores), r-sweep in runs/flickr8k_small/make
 	$(BIN)/dtem fit $(CAPTION_ARGS)
 	$(BIN)/dtem test $(CAPTION_ARGS) --ckpt_path=$(CAPTION_RUN)/checkpoints/last.ckpt
+
+# ----------------------------------------------------------------------------------------------------------------
+# CamVid evidence (issue 15): a segmentation backbone (committed), the headroom check with a ground-truth oracle on
+# val, modular DTEM (frozen encoder and decoder) for 3 seeds, one test sweep per seed with paired intervals, pictures.
+CAMVID ?= ../shared/data/camvid-segnet-halfres/camvid_240x180.zip
+SEG_WEIGHTS ?= checkpoints/camvid_seg_vit.ckpt
+SEG_RESULTS ?= results/replicate-seg
+SEG_SEEDS ?= 0 1 2
+SEG_R ?= 32# train r, chosen on val (results/replicate-seg/README.md)
+SEG_HEADROOM_R ?= 16 24 32 40 48
+SEG_BASE := -c configs/camvid_small.yaml -c configs/replicate_seg/backbone.yaml --data.init_args.root=$(CAMVID) \
+	--trainer.accelerator=$(ACCELERATOR) --trainer.enable_progress_bar=false
+SEG_DTEM := $(SEG_BASE) -c configs/replicate_seg/dtem.yaml --model.init_args.init_from=$(SEG_WEIGHTS) \
+	--model.init_args.policy.init_args.r=$(SEG_R)
+.PHONY: seg-backbone replicate-seg
+
+seg-backbone: $(VENV)/.installed ## Train the CamVid backbone of replicate-seg (6 blocks, 40 epochs) and export SEG_WEIGHTS
+	$(DTEM) fit $(SEG_BASE) --trainer.logger.init_args.version=run $(RESUME_ARG)
+	$(PY) experiments/export_backbone.py --task runs/camvid_backbone/run/checkpoints/last.ckpt $(SEG_WEIGHTS)
+
+replicate-seg: $(VENV)/.installed ## CamVid: headroom (val), modular DTEM x3 seeds, test sweeps with intervals, pictures
+	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_HEADROOM_R) \
+		--out $(SEG_RESULTS)/headroom.md
+	for s in $(SEG_SEEDS); do \
+		$(DTEM) fit $(SEG_DTEM) --seed_everything=$$s --trainer.logger.init_args.version=seed$$s || exit 1; \
+		$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_R) --seeds 0 \
+			--embedding runs/camvid_dtem/seed$$s/checkpoints/last.ckpt --out $(SEG_RESULTS)/val_seed$$s.md || exit 1; \
+		$(DTEM) test $(SEG_DTEM) --seed_everything=$$s --ckpt_path=runs/camvid_dtem/seed$$s/checkpoints/last.ckpt \
+			--trainer.logger.init_args.version=test$$s || exit 1; \
+	done
+	$(PY) experiments/collect.py $(foreach s,$(SEG_SEEDS),seed$(s)=runs/camvid_dtem/test$(s)/sweep.csv) --metric miou \
+		--out $(SEG_RESULTS)
+	$(PY) experiments/visualize_merges.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --r $(SEG_R) --n 3 \
+		--embedding runs/camvid_dtem/seed0/checkpoints/last.ckpt --out $(SEG_RESULTS)/merges.png

@@ -1,10 +1,11 @@
-"""Callbacks: FLOPs logging for fit, the sweep writer (sweep.csv, tradeoff.png, printed table) and the final
-``last.ckpt``."""
+"""Callbacks: FLOPs logging for fit, the sweep writer (sweep.csv, sweep.md, tradeoff.png, printed table) and the
+final ``last.ckpt``."""
 
 from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,69 +23,201 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(path or trainer.default_root_dir)
 
 
+def interval_columns(rows: list[dict[str, Any]], cols: list[str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and rows for a table to read: each ``d_<m>``, ``d_<m>_lo``, ``d_<m>_hi`` triple becomes one
+    column ``d_<m> [95 % CI]`` whose cells read "+0.0123 [-0.0040, +0.0290]" (empty where a row has none)."""
+    triples = [c for c in cols if c.startswith("d_") and f"{c}_lo" in cols and f"{c}_hi" in cols]
+    if not triples:
+        return cols, rows
+    out_cols = []
+    for c in cols:
+        if c in triples:
+            out_cols.append(f"{c} [95 % CI]")
+        elif not any(c in (f"{t}_lo", f"{t}_hi") for t in triples):
+            out_cols.append(c)
+    out_rows = []
+    for row in rows:
+        new = {k: v for k, v in row.items() if k in out_cols}
+        for t in triples:
+            d, lo, hi = (row.get(k) for k in (t, f"{t}_lo", f"{t}_hi"))
+            numbers = all(isinstance(v, int | float) and not math.isnan(v) for v in (d, lo, hi))
+            new[f"{t} [95 % CI]"] = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" if numbers else ""
+        out_rows.append(new)
+    return out_cols, out_rows
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table of sweep rows (floats with 4 significant decimals)."""
+    """Markdown table of sweep rows (floats with 4 decimals, None empty, intervals merged into one column)."""
     if not rows:
         return "(empty sweep)"
-    cols = list(rows[0])
-    fmt = [f"{v:.4f}" if isinstance(v, float) else str(v) for r in rows for v in r.values()]
+    cols, rows = interval_columns(rows, list(rows[0]))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for i in range(len(rows)):
-        lines.append("| " + " | ".join(fmt[i * len(cols) : (i + 1) * len(cols)]) + " |")
+    for row in rows:
+        cells = (
+            "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v) for v in map(row.get, cols)
+        )
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+# Neither y-axis spans less than this many times the widest interval: a difference inside the noise looks small.
+MIN_SPAN_INTERVALS = 4.0
+
+
+def _limits(values: list[float], min_span: float) -> tuple[float, float]:
+    """y-limits holding ``values`` with a margin, at least ``min_span`` wide (centred on the values)."""
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, min_span)
+    if span == 0:
+        span = 0.1 * abs(hi) or 1.0
+    mid = (lo + hi) / 2
+    return mid - 0.55 * span, mid + 0.55 * span
+
+
 def plot_tradeoff(
-    curves: dict[str, list[tuple[float, float, object]]], out: Path, ylabel: str, stars: tuple[str, ...] = ()
+    curves: dict[str, list[tuple[float, float, object]]],
+    out: Path,
+    ylabel: str,
+    stars: tuple[str, ...] = (),
+    baselines: dict[str, float] | None = None,
+    differences: dict[str, list[tuple[float, float, float, float]]] | None = None,
+    reference: str = "the reference",
 ) -> Path:
-    """Plot ``ylabel`` vs GFLOPs: one line per curve (label -> (gflops, value, r) points, annotated with r);
-    labels in ``stars`` (e.g. published numbers) are drawn as unannotated stars."""
+    """Plot ``ylabel`` vs GFLOPs, and below it the differences to a reference row with their intervals.
+
+    Args:
+        curves: label -> (gflops, value, r) points: one line each, annotated with r.
+        out: PNG file.
+        ylabel: the metric.
+        stars: labels drawn as unannotated stars (e.g. published numbers).
+        baselines: label -> value, drawn as dashed horizontal lines (the NoMerge model); the y-axis holds them.
+        differences: label -> (gflops, d, lo, hi) points: a second panel of differences to ``reference`` with
+            their intervals as error bars, each in the colour of the curve of the same label.
+        reference: what the differences are taken against (names the zero line).
+
+    The top axis spans the values and the baselines; when there are intervals, neither axis spans less than
+    :data:`MIN_SPAN_INTERVALS` times the widest one, so a difference inside the noise is drawn small.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    def finite(*vs: float) -> bool:
+        return all(isinstance(v, int | float) and math.isfinite(v) for v in vs)
+
+    diffs = {k: sorted(p for p in pts if finite(*p)) for k, pts in (differences or {}).items()}
+    diffs = {k: pts for k, pts in diffs.items() if pts}
+    min_span = MIN_SPAN_INTERVALS * max(
+        (hi - lo for pts in diffs.values() for _, _, lo, hi in pts), default=0.0
+    )
+    if diffs:
+        fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True, height_ratios=[3, 2])
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+    colours, ys = {}, []
     for label, pts in curves.items():
         # Sorted by GFLOPs and value only: r may be an int or a schedule label ("8,4,0"), which do not compare.
-        pts = sorted((p for p in pts if not (math.isnan(p[0]) or math.isnan(p[1]))), key=lambda p: p[:2])
+        pts = sorted((p for p in pts if finite(p[0], p[1])), key=lambda p: p[:2])
         if not pts:
             continue
-        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        xs, vs = [p[0] for p in pts], [p[1] for p in pts]
+        ys += vs
         if label in stars:
-            ax.plot(xs, ys, "*", ms=10, label=label)
+            colours[label] = ax.plot(xs, vs, "*", ms=10, label=label)[0].get_color()
             continue
-        ax.plot(xs, ys, marker="o", label=label)
+        colours[label] = ax.plot(xs, vs, marker="o", label=label)[0].get_color()
         for g, m, r in pts:
             ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("GFLOPs (GMACs per image)")
+    for label, v in (baselines or {}).items():
+        if finite(v):
+            ax.axhline(v, color="0.35", ls="--", lw=1, label=f"{label} level")
+            ys.append(v)
+    if ys:
+        ax.set_ylim(*_limits(ys, min_span))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if diffs:
+        bx.axhline(0.0, color="0.35", ls="--", lw=1, label=f"= {reference}")
+        ds = [0.0]
+        for label, pts in diffs.items():
+            xs, d, lo, hi = (list(v) for v in zip(*pts))
+            err = [[max(0.0, a - b) for a, b in zip(d, lo)], [max(0.0, b - a) for a, b in zip(d, hi)]]
+            bx.errorbar(xs, d, yerr=err, marker="o", ms=4, capsize=3, color=colours.get(label), label=label)
+            ds += lo + hi + d
+        bx.set_ylim(*_limits(ds, min_span))
+        bx.set_ylabel(f"{ylabel} − {reference}\n(paired 95 % interval)", fontsize=8)
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=7)
+        ax = bx
+    ax.set_xlabel("GFLOPs (GMACs per image)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
 
 
-def write_sweep(rows: list[dict[str, Any]], out_dir: Path, metric: str | None = None) -> tuple[Path, Path]:
-    """Write ``sweep.csv`` and ``tradeoff.png`` (``metric`` vs GFLOPs, one curve per policy) to ``out_dir``."""
+def tradeoff_series(
+    rows: list[dict[str, Any]], metric: str, label: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[dict[str, list], dict[str, float], dict[str, list], str]:
+    """The arguments of :func:`plot_tradeoff` from sweep rows: curves, NoMerge baselines, differences, reference.
+
+    Args:
+        rows: sweep rows (``policy``, ``r``, ``gflops``, ``metric`` and, when present, ``d_<metric>``,
+            ``d_<metric>_lo``, ``d_<metric>_hi``, ``d_ref``); empty cells are None or "".
+        metric: the plotted column.
+        label: row -> curve label (default: its policy).
+    """
+    label = label or (lambda row: str(row["policy"]))
+    d = f"d_{metric}"
+    curves: dict[str, list] = {}
+    baselines: dict[str, float] = {}
+    differences: dict[str, list] = {}
+    refs = []
+    for row in rows:
+        if row.get(metric) in (None, ""):
+            continue
+        name = label(row)
+        curves.setdefault(name, []).append((float(row["gflops"]), float(row[metric]), row["r"]))
+        if row["policy"] == "NoMerge":
+            baselines[name] = float(row[metric])
+        if row.get(d) not in (None, ""):
+            differences.setdefault(name, []).append(
+                (float(row["gflops"]), float(row[d]), float(row[f"{d}_lo"]), float(row[f"{d}_hi"]))
+            )
+            refs.append(str(row.get("d_ref") or "the reference"))
+    ref = refs[0] if len(set(refs)) == 1 else "the reference"
+    return curves, baselines, differences, ref if ref == "NoMerge" else f"{ref} at the same r"
+
+
+def write_sweep(
+    rows: list[dict[str, Any]], out_dir: Path, metric: str | None = None, note: str = ""
+) -> tuple[Path, Path]:
+    """Write ``sweep.csv``, ``sweep.md`` (the table, then ``note``) and ``tradeoff.png`` (``metric`` vs GFLOPs,
+    one curve per policy, the NoMerge level, and the paired differences when the rows have them) to ``out_dir``.
+
+    Returns:
+        The paths of sweep.csv and tradeoff.png.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = FIXED_COLUMNS + [c for c in rows[0] if c not in FIXED_COLUMNS]
     csv_path = out_dir / "sweep.csv"
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(rows)  # None (no interval) is written as an empty cell
+    table = format_table([{c: r.get(c) for c in cols} for r in rows])
+    (out_dir / "sweep.md").write_text(f"{table}\n" + (f"\n{note}\n" if note else ""))
     metric = metric or cols[len(FIXED_COLUMNS)]
-    curves: dict[str, list[tuple[float, float, object]]] = {}
-    for r in rows:
-        curves.setdefault(r["policy"], []).append((r["gflops"], r[metric], r["r"]))
-    return csv_path, plot_tradeoff(curves, out_dir / "tradeoff.png", metric)
+    curves, baselines, differences, reference = tradeoff_series(rows, metric)
+    png = plot_tradeoff(curves, out_dir / "tradeoff.png", metric, (), baselines, differences, reference)
+    return csv_path, png
 
 
 class SweepWriter(L.Callback):
-    """After ``test``, write the task's r-sweep to ``sweep.csv`` and ``tradeoff.png`` and print the table.
+    """After ``test``, write the task's r-sweep to ``sweep.csv``, ``sweep.md`` and ``tradeoff.png`` and print the
+    table (with the task's ``sweep_note`` on its intervals).
 
     Args:
         metric: column plotted against GFLOPs (default: the first metric column).
@@ -100,8 +233,10 @@ class SweepWriter(L.Callback):
         if not rows:
             return
         out = Path(self.out_dir) if self.out_dir else run_dir(trainer)
-        csv_path, png_path = write_sweep(rows, out, self.metric)
-        print(f"\n{format_table(rows)}\n\nsweep written to {csv_path} and {png_path}")
+        note = getattr(pl_module, "sweep_note", "")
+        csv_path, png_path = write_sweep(rows, out, self.metric, note)
+        print(f"\n{format_table(rows)}\n" + (f"\n{note}\n" if note else ""))
+        print(f"sweep written to {csv_path}, {csv_path.with_name('sweep.md')} and {png_path}")
 
 
 class FlopsLogger(L.Callback):

@@ -81,6 +81,8 @@ class DTEMCLI(LightningCLI):
             return
         for key in _LINK_TARGETS:
             hparams.pop(key, None)
+        # The restored checkpoint's weights replace init_from's, which need not exist any more.
+        hparams.pop("init_from", None)
         self._subcommand_parsers[subcommand].set_defaults(
             {"model": {"class_path": class_path, "init_args": hparams}}
         )

@@ -167,12 +167,23 @@ def rouge_l(cands: Sequence[list[str]], refs: Sequence[list[list[str]]], beta: f
 def cider_d(
     cands: Sequence[list[str]], refs: Sequence[list[list[str]]], max_n: int = 4, sigma: float = 6.0
 ) -> float:
-    """Corpus CIDEr-D (Vedantam et al. 2015; COCO's ``Cider`` scorer), document frequencies from ``refs``.
+    """Corpus CIDEr-D (Vedantam et al. 2015; COCO's ``Cider`` scorer): the mean of :func:`cider_d_per_image`."""
+    scores = cider_d_per_image(cands, refs, max_n, sigma)
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def cider_d_per_image(
+    cands: Sequence[list[str]], refs: Sequence[list[list[str]]], max_n: int = 4, sigma: float = 6.0
+) -> list[float]:
+    """Per-image CIDEr-D with the document frequencies of the whole corpus ``refs``; their mean is the corpus score.
+
+    A bootstrap resample of these scores keeps the test set's idf weights fixed (a resampled corpus with its own
+    document frequencies would score each image slightly differently).
 
     Per order n, a sentence is a vector of tf-idf weights g = count(ngram) * (log N - log max(1, df)), N the
     number of images and df the number of images whose references contain the n-gram. Candidate vs reference:
     sum(min(g_c, g_r) g_r) / (|g_c| |g_r|) * exp(-(len_c - len_r)^2 / (2 sigma^2)); averaged over references
-    and orders, times 10, then averaged over images.
+    and orders, times 10 (:func:`cider_d` averages these over images).
 
     Args:
         cands: one word list per image.
@@ -181,10 +192,10 @@ def cider_d(
         sigma: length penalty width.
 
     Returns:
-        the score (about 0-10; 1.0 on COCO is a good captioner).
+        one score per image (about 0-10; 1.0 on COCO is a good captioner).
     """
     if not cands:
-        return 0.0
+        return []
     df: Counter = Counter()
     for rs in refs:
         df.update({g for r in rs for n in range(1, max_n + 1) for g in ngrams(r, n)})
@@ -198,7 +209,7 @@ def cider_d(
             norms.append(math.sqrt(sum(x * x for x in v.values())))
         return vecs, norms
 
-    total = 0.0
+    scores = []
     for cand, rs in zip(cands, refs, strict=True):
         vc, nc = vectors(cand)
         score = 0.0
@@ -209,8 +220,8 @@ def cider_d(
                 if nc[n] and nr[n]:
                     dot = sum(min(x, vr[n].get(g, 0.0)) * vr[n].get(g, 0.0) for g, x in vc[n].items())
                     score += dot / (nc[n] * nr[n]) * penalty
-        total += 10.0 * score / (max_n * len(rs))
-    return total / len(cands)
+        scores.append(10.0 * score / (max_n * len(rs)))
+    return scores
 
 
 def meteor_available() -> bool:
@@ -264,6 +275,8 @@ class CaptionMetrics(Metric):
 
     Captions are tokenised by :func:`tokenize` and kept as UTF-8 byte tensors, so DDP gathers the whole corpus
     (CIDEr-D's document frequencies need every reference) and each process computes the same corpus scores.
+    After :meth:`compute`, ``cider_per_image`` holds the per-image CIDEr-D [n] (float64) of that corpus in its
+    gathered order (rank by rank, each in update order); ``cider`` is their mean.
 
     Args:
         use_meteor: add METEOR (pycocoevalcap + Java); None: when :func:`meteor_available`.
@@ -277,6 +290,7 @@ class CaptionMetrics(Metric):
         super().__init__(**kwargs)
         self.use_meteor = meteor_available() if use_meteor is None else use_meteor
         self.add_state("text", default=[], dist_reduce_fx="cat")
+        self.cider_per_image = torch.zeros(0, dtype=torch.float64)  # not a state: a by-product of compute()
 
     def update(self, preds: Sequence[str], target: Sequence[Sequence[str]]) -> None:
         """Add candidates ``preds`` (one string per image) and their references ``target`` (strings per image)."""
@@ -290,5 +304,7 @@ class CaptionMetrics(Metric):
         if self.use_meteor:
             values["meteor"] = meteor(cands, refs) if cands else 0.0
         values["rouge_l"] = rouge_l(cands, refs)
-        values["cider"] = cider_d(cands, refs)
+        per_image = cider_d_per_image(cands, refs)
+        self.cider_per_image = torch.tensor(per_image, dtype=torch.float64)
+        values["cider"] = sum(per_image) / len(per_image) if per_image else 0.0  # = cider_d(cands, refs)
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}

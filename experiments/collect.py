@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 
 from dtem_lightning import merge as M
-from dtem_lightning.callbacks import plot_tradeoff
+from dtem_lightning.callbacks import interval_columns, plot_tradeoff, tradeoff_series
 
 FIXED = ["policy", "r", "gflops", "tokens"]
+INTERVAL_NOTE = (
+    "d_<metric>: the row's metric minus the d_ref row's at the same r (of the same run), with its paired "
+    "bootstrap 95 % interval over the test samples (each run's sweep.md gives the resamples)."
+)
 
 # Published numbers (DESIGN.md section 3), accuracies as fractions like the sweeps. r is empty where the paper
 # states no r; GFLOPs are the papers' (bias-free) figures, within 0.5 % of our convention.
@@ -143,28 +147,32 @@ def _fmt(v: object) -> str:
 
 
 def markdown(rows: list[dict[str, object]], cols: list[str]) -> str:
-    """GitHub Markdown table; published rows are marked in the ``run`` column."""
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in cols) + " |")
+    """GitHub Markdown table; published rows are marked in the ``run`` column, paired intervals merged into one
+    ``d_<metric> [95 % CI]`` column, and a line below says what they are."""
+    shown_cols, shown = interval_columns(rows, cols)
+    lines = ["| " + " | ".join(shown_cols) + " |", "|" + "---|" * len(shown_cols)]
+    for row in shown:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in shown_cols) + " |")
+    if shown_cols != cols:
+        lines += ["", INTERVAL_NOTE]
     return "\n".join(lines)
 
 
 def plot(rows: list[dict[str, object]], out: Path, metric: str = "acc1") -> Path:
-    """``metric`` vs GFLOPs: one line per (run, policy) of measured rows, stars for published rows."""
-    runs = {r["run"] for r in rows if r["run"] != "published"}
-    curves: dict[str, list[tuple[float, float, object]]] = {}
+    """``metric`` vs GFLOPs: one line per (run, policy) of measured rows, stars for published rows, the NoMerge
+    level of each run, and a panel of paired differences when the sweeps have ``d_<metric>`` intervals."""
+    measured = [r for r in rows if r["run"] != "published"]
+    many = len({r["run"] for r in measured}) > 1
+    curves, baselines, differences, reference = tradeoff_series(
+        measured, metric, lambda r: f"{r['run']}: {r['policy']}" if many else str(r["policy"])
+    )
     stars = []
     for r in rows:
-        if r.get(metric, "") == "":
-            continue
-        if r["run"] == "published":
+        if r["run"] == "published" and r.get(metric, "") != "":
             label = f"{r['policy']} (published)"
             stars.append(label)
-        else:
-            label = r["policy"] if len(runs) <= 1 else f"{r['run']}: {r['policy']}"
-        curves.setdefault(str(label), []).append((float(r["gflops"]), float(r[metric]), r["r"]))
-    return plot_tradeoff(curves, out, metric, tuple(stars))
+            curves.setdefault(label, []).append((float(r["gflops"]), float(r[metric]), r["r"]))
+    return plot_tradeoff(curves, out, metric, tuple(stars), baselines, differences, reference)
 
 
 def collect(

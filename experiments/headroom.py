@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtem_lightning import merge as M
+from dtem_lightning import stats
 from dtem_lightning.patch import MergeVisionTransformer, apply_policy, use_policy
 from dtem_lightning.policy import DTEMHard, MergePolicy, NoMerge, ToMe
 
@@ -55,24 +56,6 @@ def patch_histograms(
     onehot = F.one_hot(labels.masked_fill(~valid, 0), num_classes).float() * valid[..., None]  # [B, H, W, K]
     hist = F.avg_pool2d(onehot.permute(0, 3, 1, 2), patch).flatten(2).transpose(1, 2)  # [B, h·w, K]
     return F.pad(hist, (0, 0, num_prefix, 0))
-
-
-def confusion(pred: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
-    """Per-image confusion matrices [B, K, K] (rows: target) of label maps [B, H, W]."""
-    out = []
-    for p, t in zip(pred, target, strict=True):
-        keep = t != ignore_index
-        out.append(torch.bincount(t[keep] * num_classes + p[keep], minlength=num_classes**2))
-    return torch.stack(out).view(-1, num_classes, num_classes)
-
-
-def miou(conf: Tensor) -> float:
-    """Mean IoU (in %) of a summed confusion matrix [K, K], over the classes present in target or prediction."""
-    conf = conf.double()
-    tp = conf.diagonal()
-    union = conf.sum(0) + conf.sum(1) - tp
-    present = union > 0
-    return float(100 * (tp[present] / union[present]).mean())
 
 
 def candidate_policies(
@@ -217,22 +200,22 @@ def evaluate_segmentation(
     for _, p in pols:
         p.trace_source = True  # segmentation unmerges through the source map
     jobs = _jobs(pols, rs)
-    confs: list[list[Tensor]] = [[] for _ in jobs]
+    counts: list[list[Tensor]] = [[] for _ in jobs]
     for x, y in batches:
         top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
         x, y = x[..., top : top + crop, left : left + crop], y[..., top : top + crop, left : left + crop]
         oracle.patch_hist = patch_histograms(y, task.patch[0], K, ig, vit.num_prefix_tokens)
         for j in _each_job(vit, jobs):
-            confs[j].append(confusion(task(x).argmax(1), y, K, ig))
+            counts[j].append(stats.class_counts(task(x).argmax(1), y, K, ig))
     use_policy(vit, pols[0][1])
-    g = torch.Generator().manual_seed(0)
+    per_image = {str(j): torch.cat(c) for j, c in enumerate(counts)}  # [n, 3, K] per job
+    boot = stats.bootstrap(per_image, stats.miou_of_counts, resamples, seed=0)
     rows = []
-    for (name, _, r), c in zip(jobs, confs, strict=True):
-        c = torch.cat(c)  # [n, K, K]
-        idx = torch.randint(0, len(c), (resamples, len(c)), generator=g)
-        boot = torch.tensor([miou(c[i].sum(0)) for i in idx])
+    for j, (name, _, r) in enumerate(jobs):
+        c = per_image[str(j)]
+        score = 100 * float(stats.miou_of_counts(c.sum(0)))
         rows.append(
-            {"metric": name, "r": r, "miou": miou(c.sum(0)), "stderr": float(boot.std()), "n": len(c)}
+            {"metric": name, "r": r, "miou": score, "stderr": 100 * float(boot[str(j)].std()), "n": len(c)}
         )
     return rows
 

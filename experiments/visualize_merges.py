@@ -3,6 +3,8 @@
 Usage: python experiments/visualize_merges.py IMAGE [IMAGE ...] --out merges.png [--backbone NAME]
        [--checkpoint_path FILE] [--backbone_kwargs '{"img_size": 32, ...}'] [--policy ToMe] [--r 8 16]
 Random-init weights unless --checkpoint_path is given (groups then follow random features).
+Segmentation: python experiments/visualize_merges.py --seg-ckpt TASK.ckpt --root CAMVID --embedding DTEM.ckpt
+       --r 32 --n 3 --out merges.png: CamVid test images (centre window) | ground truth | ToMe | trained DTEM.
 """
 
 from __future__ import annotations
@@ -34,16 +36,96 @@ def group_image(
     return out.clip(0, 255).astype(np.uint8)
 
 
+@torch.no_grad()
+def segmentation_rows(
+    task: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    pols: list[policies.MergePolicy],
+    r: int,
+    data_config: dict,
+) -> np.ndarray:
+    """One picture row per image: the image, its ground truth and each policy's merge groups at ``r``.
+
+    Args:
+        task: a SegmentationTask; ``pols`` are bound to its backbone (``policy.bind``) and trace sources.
+        images: [B, 3, S, S] windows normalised with ``data_config``'s mean and std; labels: [B, S, S].
+    """
+    from dtem_lightning.data.segmentation import colorize, default_palette
+    from dtem_lightning.patch import use_policy
+
+    vit = task.backbone
+    mean, std = (torch.tensor(data_config[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    shown = ((images * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).numpy()
+    palette = default_palette(task.num_classes)
+    grid = (images.shape[-2] // task.patch[0], images.shape[-1] // task.patch[1])
+    columns = [list(shown), [np.asarray(colorize(y.numpy(), palette)) for y in labels]]
+    for policy in pols:
+        use_policy(vit, policy)
+        with policy.reduce(r):
+            task(images)
+            groups = patch_groups(policy.state.source, vit.num_prefix_tokens).numpy()
+        columns.append([group_image(img, g, grid) for img, g in zip(shown, groups, strict=True)])
+    use_policy(vit, task.policy)
+    return np.concatenate([np.concatenate(row, axis=1) for row in zip(*columns, strict=True)], axis=0)
+
+
+def _main_segmentation(args: argparse.Namespace) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from headroom import trained_embedding
+
+    from dtem_lightning.data.segmentation import CamVidDataModule
+    from dtem_lightning.tasks.segmentation import SegmentationTask
+
+    task = SegmentationTask.load_from_checkpoint(args.seg_ckpt, map_location="cpu", weights_only=True).eval()
+    dm = CamVidDataModule(root=args.root, img_size=task.window, batch_size=args.n)
+    dm.setup("test")
+    data = dm.test_dataloader().dataset
+    picks = np.linspace(0, len(data) - 1, args.n).round().astype(int)  # spread over the (video-ordered) split
+    x, y = (torch.stack(t) for t in zip(*(data[int(i)] for i in picks), strict=True))
+    top, left = (x.shape[-2] - task.window) // 2, (x.shape[-1] - task.window) // 2
+    x, y = (t[..., top : top + task.window, left : left + task.window] for t in (x, y))
+    pols, names = [policies.ToMe(trace_source=True)], ["ToMe"]
+    for path in args.embedding or []:
+        pols.append(policies.DTEMHard(trace_source=True))
+        names.append(f"DTEM ({Path(path).parent.parent.name})")
+    for i, policy in enumerate(pols):
+        policy.bind(task.backbone)
+        if i:
+            policy.load_state_dict(trained_embedding(args.embedding[i - 1]))
+    for r in args.r:
+        out = Path(args.out) if len(args.r) == 1 else Path(args.out).with_stem(f"{Path(args.out).stem}_r{r}")
+        Image.fromarray(segmentation_rows(task, x, y, pols, r, dm.data_config)).save(out)
+        print(f"wrote {out}: columns = image, ground truth, " + ", ".join(f"{n} r={r}" for n in names))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="*")
     p.add_argument("--out", default="merges.png")
     p.add_argument("--backbone", default="deit_small_patch16_224")
     p.add_argument("--checkpoint_path", default=None)
     p.add_argument("--backbone_kwargs", default="{}", help="JSON dict for timm.create_model")
     p.add_argument("--policy", default="ToMe", choices=["ToMe", "DTEMHard"])
     p.add_argument("--r", type=int, nargs="+", default=[8, 16])
+    p.add_argument(
+        "--seg-ckpt", help="segmentation: a SegmentationTask checkpoint; --root is the CamVid root"
+    )
+    p.add_argument("--root", help="CamVid root (folder or zip) for --seg-ckpt")
+    p.add_argument(
+        "--embedding", nargs="*", help="DTEM training checkpoints whose embeddings get a column each"
+    )
+    p.add_argument(
+        "--n", type=int, default=3, help="test images, evenly spread over the split (segmentation)"
+    )
     args = p.parse_args()
+    if args.seg_ckpt:
+        return _main_segmentation(args)
+    if not args.images:
+        p.error("give image files, or --seg-ckpt")
 
     kwargs = json.loads(args.backbone_kwargs)
     if args.checkpoint_path:

@@ -98,6 +98,4 @@ def test_overlays_change_the_model(parsed, capsys):
         assert needle in out, needle
     demo_fit = dtem_commands(parsed["demo"])[0]
     out = print_config(demo_fit, capsys)
-    assert (
-        "checkpoint_path: checkpoints/cifar10_vit_small.safetensors" in out and "freeze_backbone: true" in out
-    )
+    assert "checkpoint_path: checkpoints/cifar10_vit_small.safetensors" in out and "train: policy" in out

@@ -135,6 +135,27 @@ def test_every_config_fits_and_tests(cfg, image_root, seg_roots, caption_roots, 
     assert (tmp_path / "debug").exists()
 
 
+def test_replicate_seg_overlays_run(seg_roots, tmp_path):
+    """configs/replicate_seg: the backbone overlay fits; the DTEM overlay starts from that task checkpoint
+    (init_from), trains only the policy, and its sweep carries paired intervals against ToMe."""
+    base = debug_args(CONFIGS / "camvid_small.yaml", seg_roots["camvid_small"], tmp_path)
+    backbone = ["-c", str(CONFIGS / "replicate_seg" / "backbone.yaml")]
+    run(["fit", *base[:2], *backbone, *base[2:], "--trainer.max_epochs=1"])
+    (task_ckpt,) = tmp_path.rglob("last.ckpt")
+    dtem = [*base[:2], *backbone, "-c", str(CONFIGS / "replicate_seg" / "dtem.yaml"), *base[2:],
+            f"--model.init_args.init_from={task_ckpt}", "--trainer.logger.init_args.name=dtem"]  # fmt: skip
+    run(["fit", *dtem])
+    (dtem_ckpt,) = (tmp_path / "dtem").rglob("last.ckpt")
+    before, after = (torch.load(p, weights_only=True)["state_dict"] for p in (task_ckpt, dtem_ckpt))
+    changed = {k for k, v in after.items() if k not in before or not torch.equal(v, before[k])}
+    changed = {k for k in changed if not k.startswith("test_policies.")}
+    assert changed and all(k.startswith("policy.") for k in changed), sorted(changed)[:5]
+    run(["test", *dtem, f"--ckpt_path={dtem_ckpt}"])
+    rows = read_sweep(tmp_path / "dtem")
+    assert [r["policy"] for r in rows][:1] == ["DTEMSoft"] and "d_miou" in rows[0]
+    assert any(r["d_miou"] for r in rows if r["policy"] == "DTEMSoft")
+
+
 def test_trainer_yaml_stacks(image_root, tmp_path):
     args = [
         "-c",
@@ -151,7 +172,7 @@ def test_print_config_shows_paper_recipe(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     for needle in ("class_path: dtem_lightning.DTEMSoft", "r: 16", "tau1: 0.1", "tau2: 0.1", "k: 3", "lr: 0.0001",
-                   "weight_decay: 0.0001", "min_lr: 1.0e-06", "freeze_backbone: true", "mixup: 0.8",
+                   "weight_decay: 0.0001", "min_lr: 1.0e-06", "train: policy", "mixup: 0.8",
                    "cutmix: 1.0", "gradient_clip_val: 5.0", "max_epochs: 30", "batch_size: 128",
                    "backbone: deit_small_patch16_224", "train_transform: deit"):  # fmt: skip
         assert needle in out, needle

@@ -10,6 +10,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -258,22 +259,11 @@ def test_visualize_merges_writes_png(tmp_path):
         assert img.size == (32 * 3, 32)  # image + one panel per r
 
 
-def test_patch_histograms_and_miou_by_hand():
+def test_patch_histograms_by_hand():
     labels = torch.tensor([[[0, 0, 1, 1], [0, 2, 1, 9], [2, 2, 9, 9], [2, 2, 9, 9]]])  # 9: ignored
     hist = headroom.patch_histograms(labels, patch=2, num_classes=3, ignore_index=9, num_prefix=1)
     expected = torch.tensor([[0, 0, 0], [0.75, 0, 0.25], [0, 0.75, 0], [0, 0, 1], [0, 0, 0]])
     assert torch.equal(hist[0], expected)
-    # mIoU from summed confusion equals torchmetrics' macro Jaccard (classes absent everywhere left out).
-    from torchmetrics.classification import MulticlassJaccardIndex
-
-    g = torch.Generator().manual_seed(0)
-    y, p = torch.randint(0, 6, (3, 20, 20), generator=g), torch.randint(0, 4, (3, 20, 20), generator=g)
-    y[y == 4] = 0
-    ref = MulticlassJaccardIndex(5, ignore_index=5, average="macro")
-    ref.update(p, y)
-    conf = headroom.confusion(p, y, 5, 5)
-    assert conf.shape == (3, 5, 5) and int(conf.sum()) == int((y != 5).sum())
-    assert headroom.miou(conf.sum(0)) == pytest.approx(100 * float(ref.compute()), abs=1e-4)
 
 
 def test_oracle_merges_only_inside_a_class():
@@ -317,3 +307,22 @@ def test_headroom_segmentation_rows(tmp_path):
     at4 = [r for r in rows if r["r"] == 4]
     assert summary[1]["stderr"] == pytest.approx(sum(r["stderr"] for r in at4) / len(at4))
     assert "oracle" in headroom.markdown(rows, summary)
+
+
+def test_segmentation_merge_pictures():
+    import visualize_merges
+
+    from dtem_lightning.policy import DTEMHard, ToMe
+    from dtem_lightning.tasks.segmentation import SegmentationTask
+
+    tiny = {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    task = SegmentationTask(num_classes=3, backbone="vit_tiny_patch16_224", img_size=16, backbone_kwargs=tiny)
+    pols = [ToMe(trace_source=True), DTEMHard(trace_source=True)]
+    for p in pols:
+        p.bind(task.backbone)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    pic = visualize_merges.segmentation_rows(task, x, y, pols, 4, {"mean": (0.5,) * 3, "std": (0.5,) * 3})
+    assert pic.shape == (2 * 16, 4 * 16, 3) and pic.dtype == np.uint8  # image, truth, ToMe, DTEM per row
+    tome, dtem = pic[:16, 32:48], pic[:16, 48:64]
+    assert not np.array_equal(tome, dtem), "two metrics drew the same groups"
+    assert task.backbone._merge_policy is task.policy  # the task's own policy is back in use

@@ -12,20 +12,21 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
 import timm
 import torch
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from dtem_lightning import flops
+from dtem_lightning import flops, stats
 from dtem_lightning import merge as M
-from dtem_lightning.patch import apply_policy, num_tokens, use_policy
+from dtem_lightning.patch import MergeBlock, apply_policy, num_tokens, use_policy
 from dtem_lightning.policy import MergePolicy, NoMerge
 
 
@@ -60,17 +61,27 @@ class CosineLR(torch.optim.lr_scheduler.LambdaLR):
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _head_rows(path: str | Path) -> int | None:
-    """Classes of the classifier head (``head.weight``) stored in a weights file, if any."""
+TrainMode = Literal["policy", "policy+head", "all"]
+TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
+
+
+def _stored_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
+    """Shape of tensor ``key`` in a weights file (state dict, ``{"state_dict"|"model": ...}`` or safetensors)."""
     if str(path).endswith(".safetensors"):
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            return f.get_slice("head.weight").get_shape()[0] if "head.weight" in f.keys() else None
+            return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
-    head = state.get("head.weight")
-    return int(head.shape[0]) if head is not None else None
+    tensor = state.get(key)
+    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
+
+
+def _head_rows(path: str | Path) -> int | None:
+    """Classes of the classifier head (``head.weight``) stored in a weights file, if any."""
+    shape = _stored_shape(path, "head.weight")
+    return int(shape[0]) if shape is not None else None
 
 
 def _weights_only_copy(path: str | Path) -> Path:
@@ -115,7 +126,18 @@ class BaseTask(L.LightningModule):
         checkpoint_path: local weights file (timm/PyTorch state dict or safetensors) for the backbone.
         backbone_kwargs: extra arguments of ``timm.create_model`` (e.g. depth, drop_path_rate).
         img_size: input size (linked from the data module); None keeps the backbone's.
-        freeze_backbone: True is DTEM's modular regime (only the policy trains), False is end-to-end.
+        freeze_backbone: the older spelling of the modular regime: freezes the timm model (for classification
+            its head too), on top of what ``train`` freezes. New configs use ``train``.
+        init_from: a whole task checkpoint (a ``dtem fit`` ``.ckpt``: backbone, head, decoder, policy) whose
+            weights start this run; not its trainer or optimizer state. Loaded with ``weights_only=True`` when
+            the Trainer configures the model (:meth:`configure_model`); a file of another architecture is an
+            error naming the first differing tensor. Its policy weights are used when they fit the policy,
+            else the policy keeps its initialisation (one-line note). ``pretrained`` and ``checkpoint_path``
+            are not loaded then; a ``ckpt_path`` restored by the Trainer replaces these weights (resuming).
+        train: what trains: ``policy`` (DTEM's modular regime), ``policy+head`` (also the task's head: the
+            classifier head, the segmentation decoder, the caption decoder; see :meth:`head_modules`) or
+            ``all`` (end-to-end). What does not train is frozen and kept in eval mode while the task trains
+            (no dropout or drop-path, norms in inference mode).
         optimizer: optimizer factory (from the config).
         lr_scheduler: scheduler factory; :class:`CosineLR` gets its total steps from the trainer.
         no_weight_decay_1d: put biases, norms and other 1-D parameters in a group without weight decay.
@@ -129,6 +151,12 @@ class BaseTask(L.LightningModule):
             it is the untrained control.
         trust_checkpoint: allow a ``checkpoint_path`` file that needs arbitrary pickled code to load (only
             for files you trust); by default such a file is refused.
+        interval_reference: row label (``policies()``) each sweep row is compared with at the same r: the
+            ``d_<metric>`` columns hold the difference of the main metric and its paired bootstrap 95 %
+            interval over the test samples. A policy swept once (NoMerge) is the reference of every r. None:
+            no intervals. The reference row, NoMerge rows and rows without a reference at their r stay empty.
+        bootstrap: resamples of the paired bootstrap (0: no intervals, no per-sample statistics kept).
+        bootstrap_seed: seed of the resampling; every row of a sweep uses the same resamples.
     """
 
     def __init__(
@@ -140,6 +168,8 @@ class BaseTask(L.LightningModule):
         backbone_kwargs: dict[str, Any] | None = None,
         img_size: int | None = None,
         freeze_backbone: bool = False,
+        init_from: str | None = None,
+        train: TrainMode = "all",
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         no_weight_decay_1d: bool = True,
@@ -147,8 +177,16 @@ class BaseTask(L.LightningModule):
         test_r: list[int | str | list] | None = None,
         test_policies: list[MergePolicy] | None = None,
         trust_checkpoint: bool = False,
+        interval_reference: str | None = "ToMe",
+        bootstrap: int = 1000,
+        bootstrap_seed: int = 0,
     ) -> None:
         super().__init__()
+        if train not in TRAIN_MODES:
+            raise ValueError(f"train must be one of {TRAIN_MODES}, got {train!r}")
+        if init_from is not None and not Path(init_from).is_file():
+            raise FileNotFoundError(f"init_from {init_from!r} does not exist")
+        self._init_from_loaded = False
         # Under LightningCLI the hyper-parameters are the config (class paths for components); from Python,
         # component objects are left out so checkpoints stay loadable with weights_only=True.
         from_cli = _given_hyperparameters.get() is not None
@@ -215,6 +253,8 @@ class BaseTask(L.LightningModule):
         name, kwargs = self.hparams.backbone, self.backbone_create_kwargs()
         if not timm.is_model(name):
             raise ValueError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())")
+        if self.hparams.init_from is not None:  # its weights replace any others: nothing else to load
+            return timm.create_model(name, pretrained=False, **kwargs)
         path = self.hparams.checkpoint_path
         if path is not None:
             if not Path(path).is_file():
@@ -229,6 +269,7 @@ class BaseTask(L.LightningModule):
                     ) from e
                 path = _weights_only_copy(path)
                 rows = _head_rows(path)
+            self._check_patch_size(path, name, kwargs)
             overlay = {"file": str(path), "hf_hub_id": None, "url": None}
             if rows is not None:  # timm keeps the file's head only when its class count matches the model's
                 overlay["num_classes"] = rows
@@ -242,6 +283,25 @@ class BaseTask(L.LightningModule):
                     "access, download them elsewhere and pass --model.init_args.checkpoint_path=/path/to/file"
                 ) from e
         return timm.create_model(name, pretrained=False, **kwargs)
+
+    def _check_patch_size(self, path: str | Path, name: str, kwargs: dict[str, Any]) -> None:
+        """Refuse a weights file whose patch embedding has another kernel than the model's.
+
+        timm would resample the file's patch embedding to the model's patch size without a word; weights
+        trained at one patch size are not weights of another.
+        """
+        stored = _stored_shape(path, "patch_embed.proj.weight")
+        if stored is None or len(stored) != 4:
+            return
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        own = tuple(model.patch_embed.proj.weight.shape)
+        if stored[-2:] != own[-2:]:
+            raise ValueError(
+                f"checkpoint_path {path} has patch size {stored[-2]}x{stored[-1]} (patch_embed.proj.weight "
+                f"{list(stored)}) but the model has {own[-2]}x{own[-1]} ({list(own)}): refusing to resample; "
+                f"set backbone_kwargs.patch_size={stored[-1]} or pass weights of the model's patch size"
+            )
 
     def policies(self) -> list[tuple[str, MergePolicy]]:
         """(label, policy) pairs evaluated by the test loop: the task's own policy first."""
@@ -295,12 +355,156 @@ class BaseTask(L.LightningModule):
         """Tokens entering block 0 for images of ``input_size``."""
         return num_tokens(self.backbone, tuple(input_size[1:]))
 
+    # ------------------------------------------------------------------ per-sample statistics (intervals)
+    interval_metric: str | None = None  # metric column that gets paired intervals; None: the task has none
+
+    def sample_stats(self, preds: Any, target: Any) -> Tensor | None:
+        """Per-sample statistics [B, *S] of one test batch whose sums over samples give ``interval_metric``
+        (see :meth:`interval_statistic`); None (the default): none kept per batch."""
+        return None
+
+    def interval_statistic(self, totals: Tensor, n: int) -> Tensor:
+        """``interval_metric`` [R] of R corpora of n samples from their summed statistics ``totals`` [R, *S]."""
+        return stats.mean_statistic(totals, n)
+
+    def row_sample_stats(self, key: str) -> Tensor | None:
+        """Per-sample statistics [m, *S] of sweep row ``key`` from every process, rank after rank, each rank in
+        batch order (torchmetrics gathers list states in this order too). Called by ``on_test_epoch_end`` on
+        every process after the row's metrics are computed and before they are reset."""
+        local = self._test_stats.get(key)
+        return self._gather(torch.cat(local)) if local else None
+
+    def interval_pairs(self) -> dict[int, int]:
+        """Position in :meth:`sweep` -> position of its reference row (``interval_reference``); {}: no intervals.
+
+        The reference is the row labelled ``interval_reference`` at the same r (a policy swept once, NoMerge,
+        is the reference of every r); when two policies share that label, the first one. The reference's
+        own rows and NoMerge rows have none.
+        """
+        ref, entries = self.hparams.interval_reference, self.sweep()
+        if ref is None or self.hparams.bootstrap <= 0 or self.interval_metric is None:
+            return {}
+        owner = next((i for i, label, _, _ in entries if label == ref), None)
+        if owner is None:
+            return {}
+        refs = [(j, p, r) for j, (i, _, p, r) in enumerate(entries) if i == owner]
+        pairs = {}
+        for j, (i, _, p, r) in enumerate(entries):
+            if i == owner or isinstance(p, NoMerge):
+                continue
+            match = [k for k, q, rr in refs if isinstance(q, NoMerge) or M.r_key(rr) == M.r_key(r)]
+            if match:
+                pairs[j] = match[0]
+        return pairs
+
+    @staticmethod
+    def _gather(t: Tensor) -> Tensor:
+        """``t`` [m, ...] of every process concatenated rank after rank (sizes may differ); ``t`` alone without
+        DDP."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return t
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        return torch.cat(gather_all_tensors(t.contiguous()))
+
+    def _reset_sample_stats(self) -> None:
+        self._test_stats: dict[str, list[Tensor]] = {}  # row key -> per-batch [B, *S] statistics
+        self._test_index: list[Tensor] = []  # per-batch [B] dataset indices of the samples
+        self._test_batches: list[list[int]] | None = None  # this process's batches as its sampler lists them
+        self._test_seen = 0
+        self._keep_stats = False
+        self.sweep_note = ""
+
+    def _sampler_batches(self) -> list[list[int]] | None:
+        """Dataset indices of each test batch of this process, as its (distributed) sampler lists them."""
+        loader = self.trainer.test_dataloaders if self._trainer is not None else None
+        if isinstance(loader, list | tuple):
+            loader = loader[0] if len(loader) == 1 else None
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if batch_sampler is None:  # an iterable dataset: no indices to read
+            return None
+        return [list(b) for b in batch_sampler]  # test samplers do not shuffle: the order of the loop
+
+    def _sample_index(self, batch: Any, batch_idx: int) -> Tensor:
+        """[B] dataset indices of the samples of test batch ``batch_idx`` of this process.
+
+        Read from the sampler (a DistributedSampler's padding repeats indices: ``on_test_epoch_end`` keeps each
+        sample once). Without a sampler, the position in the loop, interleaved over processes as a
+        DistributedSampler deals them out: unique, so nothing is dropped.
+        """
+        size = self.batch_size_of(batch)
+        order = self._test_batches
+        if order is not None:
+            if batch_idx >= len(order) or len(order[batch_idx]) != size:
+                raise RuntimeError(
+                    f"test batch {batch_idx} holds {size} samples but the sampler lists "
+                    f"{len(order[batch_idx]) if batch_idx < len(order) else 'no'} batch there: cannot pair "
+                    "per-sample statistics (set --model.init_args.bootstrap=0 to skip the intervals)"
+                )
+            return torch.tensor(order[batch_idx], dtype=torch.long)
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        position = self._test_seen + torch.arange(size)
+        self._test_seen += size
+        return position * world + rank
+
+    def _add_intervals(self, row_stats: dict[str, Tensor]) -> str:
+        """Fill the ``d_<metric>`` columns of ``sweep_results`` from gathered per-sample statistics.
+
+        Args:
+            row_stats: row key -> [m, *S] statistics of the rows in :meth:`interval_pairs`, rank after rank.
+
+        Returns:
+            A note saying what the columns hold ("" when there are none).
+        """
+        pairs, entries = self.interval_pairs(), self.sweep()
+        keys = [self.sweep_key(i, r) for i, _, _, r in entries]
+        used = sorted({keys[j] for pair in pairs.items() for j in pair})
+        if not pairs or not self._test_index or any(k not in row_stats for k in used):
+            return ""
+        index = self._gather(torch.cat(self._test_index).to(self.device)).cpu()
+        for k in used:
+            if len(row_stats[k]) != len(index):
+                raise RuntimeError(
+                    f"per-sample statistics of {k} cover {len(row_stats[k])} samples but the test loop indexed "
+                    f"{len(index)}"
+                )
+        once = stats.first_occurrences(index)  # dataset order, padded duplicates out: any world size alike
+        per_row = {k: row_stats[k].cpu()[once] for k in used}
+        R, seed, level = self.hparams.bootstrap, self.hparams.bootstrap_seed, 0.95
+        boot = stats.bootstrap(per_row, self.interval_statistic, R, seed)
+        m, ref = self.interval_metric, self.hparams.interval_reference
+        for j, row in enumerate(self.sweep_results):
+            d = lo = hi = name = None
+            if j in pairs:
+                a, b = keys[j], keys[pairs[j]]
+                d, lo, hi = stats.paired_difference(
+                    per_row[a], per_row[b], boot[a], boot[b], self.interval_statistic, level
+                )
+                name = ref
+            row.update({f"d_{m}": d, f"d_{m}_lo": lo, f"d_{m}_hi": hi, "d_ref": name})
+        n, padded = len(once), len(index) - len(once)
+        at = "" if isinstance(entries[next(iter(pairs.values()))][2], NoMerge) else " at the same r"
+        note = (
+            f"d_{m}: {m} minus the {ref} row{at}, with its paired bootstrap {level:.0%} percentile "
+            f"interval [d_{m}_lo, d_{m}_hi] over the same {n} test samples ({R} resamples, seed {seed})."
+        )
+        if padded:
+            note += (
+                f" The distributed sampler repeated {padded} sample(s) to fill the last batches: the intervals "
+                "count each sample once, the metric columns count the repeats."
+            )
+        return note
+
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
         self.val_metrics = self.metrics().to(self.device)
         self.test_metrics = nn.ModuleDict(
             {self.sweep_key(i, r): self.metrics() for i, _, _, r in self.sweep()}
         ).to(self.device)
+        if self.hparams.bootstrap < 0:
+            raise ValueError(f"bootstrap must be >= 0 resamples, got {self.hparams.bootstrap}")
+        self._reset_sample_stats()
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         # Randomness of a step (mixup, drop-path) depends on (seed, step, rank) only, so a resumed run
@@ -335,20 +539,45 @@ class BaseTask(L.LightningModule):
                 self.log(f"val/{k}", v, prog_bar=True)
         self.val_metrics.reset()
 
+    def on_test_epoch_start(self) -> None:
+        self._reset_sample_stats()
+        ref, labels = self.hparams.interval_reference, [label for label, _ in self.policies()]
+        wanted = ref is not None and self.hparams.bootstrap > 0 and self.interval_metric is not None
+        if wanted and ref not in labels and len(labels) > 1 and self.global_rank == 0:
+            warnings.warn(
+                f"interval_reference {ref!r} is none of this sweep's policies {labels}: no intervals (set "
+                "--model.init_args.interval_reference to one of them, or bootstrap=0)",
+                stacklevel=2,
+            )
+        self._keep_stats = bool(self.interval_pairs())
+        if self._keep_stats:
+            self._test_batches = self._sampler_batches()
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
         if self._input_size is None:
             self._input_size = self.input_size_of(batch)
+        keep = self._keep_stats
         for i, _, policy, r in self.sweep():
             with self.running(policy, r):
                 preds, target = self.evaluate(batch)
-            self.test_metrics[self.sweep_key(i, r)].update(preds, target)
+            key = self.sweep_key(i, r)
+            self.test_metrics[key].update(preds, target)
+            if keep and (s := self.sample_stats(preds, target)) is not None:
+                self._test_stats.setdefault(key, []).append(s.detach())
+        if keep:
+            self._test_index.append(self._sample_index(batch, batch_idx))
 
     def on_test_epoch_end(self) -> None:
         self.sweep_results = []
-        for i, label, policy, r in self.sweep():
+        pairs = self.interval_pairs() if self._keep_stats else {}
+        paired = {j for pair in pairs.items() for j in pair}
+        row_stats: dict[str, Tensor] = {}
+        for j, (i, label, policy, r) in enumerate(self.sweep()):
             key = self.sweep_key(i, r)
             computed = self.test_metrics[key].compute()
             values = {k: float(v) for k, v in computed.items() if v.numel() == 1}  # scalar columns only
+            if j in paired and (s := self.row_sample_stats(key)) is not None:
+                row_stats[key] = s  # read before the reset: captioning's come from the computed metric
             self.test_metrics[key].reset()
             gf, tokens = float("nan"), -1  # no test batch seen: nothing to size the model with
             if self._input_size is not None:
@@ -360,6 +589,8 @@ class BaseTask(L.LightningModule):
                 self.log(f"{prefix}/{k}/r{M.r_key(r)}", v, sync_dist=False, rank_zero_only=True)
             row = {"policy": label, "r": M.r_label(r), "gflops": gf, "tokens": tokens, **values}
             self.sweep_results.append(row)
+        self.sweep_note = self._add_intervals(row_stats) if pairs else ""
+        self._test_stats, self._test_index = {}, []  # free the per-sample statistics
 
     @contextmanager
     def running(self, policy: MergePolicy, r: int | list[int]) -> Iterator[None]:
@@ -374,14 +605,156 @@ class BaseTask(L.LightningModule):
     def batch_size_of(self, batch: Any) -> int:
         return len(batch[0])
 
+    # ------------------------------------------------------------------ what trains (init_from, train)
+    def head_modules(self) -> list[nn.Module]:
+        """The task's head: what ``train='policy+head'`` trains besides the policy (subclasses name theirs)."""
+        return []
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """The largest submodules that do not train (the policy is never one of them).
+
+        With ``train`` ``policy`` or ``policy+head``: everything outside the policy (and the head). With
+        ``all``, and inside a training head: modules whose parameters were all frozen by a legacy flag
+        (``freeze_backbone``, ``freeze_decoder``).
+        """
+        return self._frozen()[0]
+
+    def _frozen(self) -> tuple[list[nn.Module], list[nn.Parameter]]:
+        """:meth:`frozen_modules`, and with ``policy``/``policy+head`` the parameters held directly by a module
+        that contains a trained part (``backbone.cls_token`` and ``pos_embed`` next to the classifier head)."""
+        mode = self.hparams.train
+        keep = [self.policy] + (self.head_modules() if mode == "policy+head" else [])
+        out: list[nn.Module] = []
+        loose: list[nn.Parameter] = []
+
+        def visit(module: nn.Module, structural: bool) -> None:
+            if structural:
+                loose.extend(module.parameters(recurse=False))
+            for child in module.children():
+                if child is self.policy:
+                    continue
+                if structural:
+                    if any(child is k for k in keep):
+                        visit(child, structural=False)
+                    elif any(m is k for m in child.modules() for k in keep):
+                        visit(child, structural=True)
+                    else:
+                        out.append(child)
+                    continue
+                params = list(child.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    out.append(child)
+                else:
+                    visit(child, structural=False)
+
+        visit(self, structural=mode != "all")
+        return out, loose
+
+    def apply_train_mode(self) -> None:
+        """Freeze what ``train`` leaves out and, while the task trains, keep it in eval mode (idempotent).
+
+        The merging blocks' own flag follows the task's mode even when their contents are in eval mode: it
+        chooses the policy's training behaviour (DTEM-soft merges softly in training, DESIGN.md 2.5).
+        """
+        frozen, loose = self._frozen()
+        if self.hparams.train != "all":
+            for m in frozen:
+                m.requires_grad_(False)
+            for p in loose:
+                p.requires_grad_(False)
+        if self.hparams.train == "policy+head":
+            names = {id(m): n for n, m in self.named_modules()}
+            for m in self.head_modules():
+                params = list(m.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    raise ValueError(
+                        f"train='policy+head' but the head {names.get(id(m), type(m).__name__)} is frozen by "
+                        "freeze_backbone or freeze_decoder: drop that setting"
+                    )
+        if self.training:
+            for m in frozen:
+                m.eval()
+            for m in self.backbone.modules():
+                if isinstance(m, MergeBlock):
+                    m.training = True
+        if frozen:  # intended: Lightning's note about modules in eval mode would only confuse
+            warnings.filterwarnings(
+                "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning
+            )
+
+    def train(self, mode: bool = True) -> BaseTask:
+        """Set the training mode; frozen parts (see :meth:`apply_train_mode`) stay in eval mode."""
+        super().train(mode)
+        if mode:
+            self.apply_train_mode()
+        return self
+
+    def load_init_from(self) -> None:
+        """Load the weights of the task checkpoint ``init_from`` (once; weights only, never pickled code).
+
+        The checkpoint goes through :meth:`on_load_checkpoint` first (policy weights that do not fit the
+        policy are replaced by its initialisation; a caption checkpoint brings its vocabulary), then every
+        other tensor must match the model in name and shape.
+        """
+        path = self.hparams.init_from
+        if path is None or self._init_from_loaded:
+            return
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"refusing to load init_from {path}: it needs arbitrary pickled code, not just tensors (a "
+                "`dtem fit` checkpoint never does)"
+            ) from e
+        if (
+            isinstance(ckpt, dict)
+            and "state_dict" not in ckpt
+            and all(isinstance(v, Tensor) for v in ckpt.values())
+        ):
+            ckpt = {"state_dict": ckpt}  # a bare task state dict
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+            raise ValueError(
+                f"init_from {path} holds no task state_dict: pass a `dtem fit` checkpoint (.ckpt)"
+            )
+        ckpt = {**ckpt, "state_dict": dict(ckpt["state_dict"])}  # on_load_checkpoint edits it in place
+        self.on_load_checkpoint(ckpt)
+        state, own = ckpt["state_dict"], self.state_dict()
+        for k, v in own.items():
+            if k not in state:
+                raise ValueError(
+                    f"init_from {path} does not match the model: it lacks {k} (shape {list(v.shape)} in the model)"
+                )
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(
+                    f"init_from {path} does not match the model: {k} has shape {list(state[k].shape)} in the "
+                    f"file, {list(v.shape)} in the model"
+                )
+        extra = next((k for k in state if k not in own), None)
+        if extra is not None:
+            raise ValueError(
+                f"init_from {path} does not match the model: it has {extra} (shape "
+                f"{list(state[extra].shape)}), which the model lacks"
+            )
+        self.load_state_dict(state)
+        self._init_from_loaded = True
+
+    def configure_model(self) -> None:
+        """Before the Trainer wraps (DDP) and optimises the model: load ``init_from``, then freeze per ``train``."""
+        self.load_init_from()
+        self.apply_train_mode()
+
     def configure_optimizers(self) -> Any:
+        self.apply_train_mode()  # also when called without a Trainer
         decay, no_decay = [], []
         for p in self.parameters():
             if not p.requires_grad:
                 continue
             (no_decay if self.hparams.no_weight_decay_1d and p.ndim <= 1 else decay).append(p)
         if not decay and not no_decay:
-            raise ValueError("nothing to train: the backbone is frozen and the policy has no parameters")
+            raise ValueError(
+                f"nothing to train: train={self.hparams.train!r} (freeze_backbone={self.hparams.freeze_backbone}) "
+                f"and the policy {type(self.policy).__name__} has no parameters"
+            )
         groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
         optimizer = self.optimizer(groups)
         if self.lr_scheduler is None:
@@ -394,14 +767,21 @@ class BaseTask(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Let a checkpoint trained with one policy be tested with another.
 
-        Policy weights the current policies do not have are dropped, and policy weights they need but the
-        checkpoint lacks keep their initialisation; each case prints one line.
+        Policy weights the current policies do not have (or have in another shape, e.g. another embedding
+        width) are dropped, and policy weights they need but the checkpoint lacks keep their initialisation;
+        each case prints one line.
         """
         state = checkpoint.get("state_dict", {})
         own = self.state_dict()
         policy_keys = ("policy.", "test_policies.")
-        extra = [k for k in state if k.startswith(policy_keys) and k not in own]
-        missing = [k for k in own if k.startswith(policy_keys) and k not in state]
+        other_shape = [
+            k for k in state if k.startswith(policy_keys) and k in own and state[k].shape != own[k].shape
+        ]
+        extra = [k for k in state if k.startswith(policy_keys) and k not in own] + other_shape
+        missing = [k for k in own if k.startswith(policy_keys) and k not in state] + other_shape
+        first = extra[0] if extra else None
+        if first in other_shape:
+            first = f"{first}: {list(state[first].shape)} in the checkpoint, {list(own[first].shape)} here"
         for k in extra:
             del state[k]
         for k in missing:
@@ -409,7 +789,7 @@ class BaseTask(L.LightningModule):
         if extra:
             warnings.warn(
                 f"checkpoint policy weights unused by {type(self.policy).__name__}: {len(extra)} tensors "
-                f"ignored ({extra[0]}, ...)",
+                f"ignored ({first}, ...)",
                 stacklevel=2,
             )
         if any(k.startswith("policy.") for k in missing):

@@ -170,7 +170,7 @@ class CaptioningTask(BaseTask):
             reference captions (multi-label BCE, summed over words and divided by the image's number of content
             words). It trains the encoder directly on what the image shows, which a captioner trained from
             scratch on little data otherwise barely learns (its decoder settles on a few generic captions).
-        **kwargs: see :class:`~dtem_lightning.tasks.base.BaseTask` (``freeze_backbone`` is the modular regime).
+        **kwargs: see :class:`~dtem_lightning.tasks.base.BaseTask` (``train: policy`` is the modular regime).
     """
 
     def __init__(
@@ -224,6 +224,11 @@ class CaptioningTask(BaseTask):
 
     def backbone_create_kwargs(self) -> dict[str, Any]:
         return {**super().backbone_create_kwargs(), "num_classes": 0}
+
+    def head_modules(self) -> list[nn.Module]:
+        """The text decoder, and the word-tagging head when ``concept_weight`` > 0."""
+        parts = [getattr(self, "decoder", None), getattr(self, "concept_head", None)]
+        return [m for m in parts if m is not None]
 
     # ------------------------------------------------------------------ vocabulary
     def set_vocab(self, vocab: Vocabulary) -> None:
@@ -380,8 +385,20 @@ class CaptioningTask(BaseTask):
         return self.greedy(images) if self.hparams.beam_size == 1 else self.beam_search(images)
 
     # ------------------------------------------------------------------ BaseTask hooks
+    interval_metric = "cider"
+
     def metrics(self) -> MetricCollection:
         return MetricCollection({"caption": CaptionMetrics(self.hparams.use_meteor)})
+
+    def row_sample_stats(self, key: str) -> Tensor | None:
+        """Per-image CIDEr-D [m] of row ``key`` (mean: its ``cider``), from the corpus its metric just gathered.
+
+        CIDEr-D's document frequencies need every reference, so the scores exist only after ``compute``; they
+        are in the metric's gathering order (rank after rank), the order of the base class's sample indices.
+        A bootstrap over them keeps the test set's idf weights fixed (see
+        :func:`~dtem_lightning.text.cider_d_per_image`).
+        """
+        return self.test_metrics[key]["caption"].cider_per_image
 
     def training_loss(self, batch: Any) -> Tensor:
         images, captions = batch

@@ -7,7 +7,7 @@ from typing import Any
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -53,6 +53,12 @@ class ClassificationTask(BaseTask):
     def backbone_create_kwargs(self) -> dict[str, Any]:
         return {**super().backbone_create_kwargs(), "num_classes": self.num_classes}
 
+    def head_modules(self) -> list[nn.Module]:
+        """timm's classifier head (what ``forward_head`` runs): attention pool if any, fc_norm, dropout, head."""
+        vit = self.backbone
+        parts = [getattr(vit, n, None) for n in ("attn_pool", "fc_norm", "head_drop", "head")]
+        return [m for m in parts if m is not None]
+
     def metrics(self) -> MetricCollection:
         top5 = min(5, self.num_classes)
         return MetricCollection(
@@ -61,6 +67,12 @@ class ClassificationTask(BaseTask):
                 "acc5": MulticlassAccuracy(self.num_classes, top_k=top5, average="micro"),
             }
         )
+
+    interval_metric = "acc1"
+
+    def sample_stats(self, preds: Tensor, target: Tensor) -> Tensor:
+        """Top-1 correctness [B] (0/1) of logits ``preds`` [B, K]: its mean is ``acc1``."""
+        return (preds.argmax(-1) == target).long()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from dtem_lightning import flops
+from dtem_lightning import flops, stats
 from dtem_lightning.data.segmentation import IGNORE_INDEX, colorize, default_palette
 from dtem_lightning.patch import active_policy
 from dtem_lightning.tasks.base import BaseTask
@@ -189,6 +189,11 @@ class SegmentationTask(BaseTask):
     def backbone_create_kwargs(self) -> dict[str, Any]:
         return {**super().backbone_create_kwargs(), "num_classes": 0, "dynamic_img_size": True}
 
+    def head_modules(self) -> list[nn.Module]:
+        """The decoder (linear or mask transformer)."""
+        decoder = getattr(self, "decoder", None)
+        return [decoder] if decoder is not None else []
+
     # ------------------------------------------------------------------ model
     def encode(self, x: Tensor) -> Tensor:
         """Images [B, 3, H, W] (sides divisible by the patch) -> patch features [B, h·w, C] on the full grid."""
@@ -242,6 +247,18 @@ class SegmentationTask(BaseTask):
             },
             compute_groups=[["miou", "class_iou"], ["pixel_acc"]],
         )
+
+    interval_metric = "miou"
+
+    def sample_stats(self, preds: Tensor, target: Tensor) -> Tensor:
+        """Per-image class counts [B, 3, K] of predicted labels ``preds`` [B, H, W]: (intersection, target,
+        prediction) pixels per class, the diagonal and margins of each image's confusion matrix (ignored pixels
+        left out). Summed over the test set they are those of the corpus confusion matrix behind ``miou``."""
+        return stats.class_counts(preds, target, self.num_classes, self.ignore_index)
+
+    def interval_statistic(self, totals: Tensor, n: int) -> Tensor:
+        """mIoU [R] of summed class counts [R, 3, K], as the ``miou`` column computes it from its confusion."""
+        return stats.miou_of_counts(totals)
 
     def step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
