@@ -65,7 +65,7 @@ pretrain-small: data-cifar10 ## Train the demo's small ViT (~25 min on 2 CPU cor
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=small
 	$(PY) experiments/export_backbone.py runs/cifar10_vit_pretrain/small/checkpoints/last.ckpt $(SMALL_WEIGHTS)
 
-demo: data-cifar10 ## The main job: train DTEM on the small ViT, sweep r on test, write results/demo (~3 min idle)
+demo: data-cifar10 ## The main job: DTEM on CIFAR-10 and on CamVid segmentation, one r-sweep each, results/demo (~15 min)
 	rm -rf $(DEMO_RUN)
 	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
 		--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --trainer.accelerator=$(ACCELERATOR) \
@@ -75,6 +75,12 @@ demo: data-cifar10 ## The main job: train DTEM on the small ViT, sweep r on test
 		$(COMPARE) --trainer.accelerator=$(ACCELERATOR) \
 		--trainer.logger.init_args.name=$(DEMO_NAME) --trainer.logger.init_args.version=test $(DEMO_TEST_ARGS)
 	$(PY) experiments/collect.py $(DEMO_NAME)=$(DEMO_RUN)/test/sweep.csv --out $(DEMO_RESULTS)
+	$(DTEM) fit $(SEG_DTEM) --seed_everything=0 --trainer.logger.init_args.name=$(DEMO_NAME) \
+		--trainer.logger.init_args.version=seg_fit $(DEMO_FIT_ARGS)
+	$(DTEM) test $(SEG_DTEM) --seed_everything=0 --ckpt_path=$(DEMO_RUN)/seg_fit/checkpoints/last.ckpt \
+		--trainer.logger.init_args.name=$(DEMO_NAME) --trainer.logger.init_args.version=seg_test \
+		'--model.init_args.test_r=[16, 20, 24]' $(DEMO_TEST_ARGS)
+	$(PY) experiments/collect.py $(DEMO_NAME)-seg=$(DEMO_RUN)/seg_test/sweep.csv --metric miou --out $(DEMO_RESULTS)/seg
 
 demo-quick: ## The demo with few steps and test batches (under 5 min; results in runs/demo-quick/results)
 	$(MAKE) demo DEMO_NAME=demo-quick DEMO_RESULTS=runs/demo-quick/results \
@@ -82,7 +88,9 @@ demo-quick: ## The demo with few steps and test batches (under 5 min; results in
 		DEMO_TEST_ARGS="--trainer.limit_test_batches=4"
 
 # ----------------------------------------------------------------------------------------------------------------
-# Small-scale replication (hours on CPU, minutes on a GPU; not part of CI). RESUME=1 continues interrupted fits.
+# Small-scale replication (hours on CPU, minutes on a GPU; not part of CI). RESUME=1 continues interrupted fits;
+# without it, a fit whose run folder (fixed version: run, fit, seedN) holds checkpoints refuses with one line:
+# resume, or remove that folder to start over. A `dtem test` writes its own version folder (or config_test.yaml).
 P2_WEIGHTS ?= checkpoints/cifar10_vit_p2.safetensors
 REPL_RESULTS ?= results/replicate-small
 RESUME ?=
@@ -192,7 +200,8 @@ table5-seg-s: ## Table 5 segmentation: Seg-S-Mask/16 on ADE20K (ADE20K=root, SEG
 CAMVID_RUN := runs/camvid_small/make
 CAMVID_ARGS := -c configs/camvid_small.yaml --trainer.logger.init_args.version=make
 
-camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~3 min on 2 idle CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make
+camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~3 min on 2 idle CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make (starts clean)
+	rm -rf $(CAMVID_RUN)
 	$(BIN)/dtem fit $(CAMVID_ARGS)
 	$(BIN)/dtem test $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt
 	$(BIN)/dtem predict $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt --trainer.limit_predict_batches=2
@@ -200,7 +209,8 @@ camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~3 min on 2
 CAPTION_RUN := runs/flickr8k_small/make
 CAPTION_ARGS := -c configs/flickr8k_small.yaml --trainer.logger.init_args.version=make
 
-caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (~12 min on 2 idle CPU cores), r-sweep in runs/flickr8k_small/make
+caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (~12 min on 2 idle CPU cores), r-sweep in runs/flickr8k_small/make (starts clean)
+	rm -rf $(CAPTION_RUN)
 	$(BIN)/dtem fit $(CAPTION_ARGS)
 	$(BIN)/dtem test $(CAPTION_ARGS) --ckpt_path=$(CAPTION_RUN)/checkpoints/last.ckpt
 
@@ -211,8 +221,8 @@ CAMVID ?= ../shared/data/camvid-segnet-halfres/camvid_240x180.zip
 SEG_WEIGHTS ?= checkpoints/camvid_seg_vit.ckpt
 SEG_RESULTS ?= results/replicate-seg
 SEG_SEEDS ?= 0 1 2
-SEG_R ?= 32# train r, chosen on val (results/replicate-seg/README.md)
-SEG_HEADROOM_R ?= 16 24 32 40 48
+SEG_R ?= 20# train and main test r, chosen on val (results/replicate-seg/README.md)
+SEG_HEADROOM_R ?= 16 18 20 22 24 32
 SEG_BASE := -c configs/camvid_small.yaml -c configs/replicate_seg/backbone.yaml --data.init_args.root=$(CAMVID) \
 	--trainer.accelerator=$(ACCELERATOR) --trainer.enable_progress_bar=false
 SEG_DTEM := $(SEG_BASE) -c configs/replicate_seg/dtem.yaml --model.init_args.init_from=$(SEG_WEIGHTS) \
@@ -223,16 +233,20 @@ seg-backbone: $(VENV)/.installed ## Train the CamVid backbone of replicate-seg (
 	$(DTEM) fit $(SEG_BASE) --trainer.logger.init_args.version=run $(RESUME_ARG)
 	$(PY) experiments/export_backbone.py --task runs/camvid_backbone/run/checkpoints/last.ckpt $(SEG_WEIGHTS)
 
+# $(call seg_seed,SEED): modular DTEM fit, validation check of its embedding, test sweep with paired intervals.
+define seg_seed
+	$(DTEM) fit $(SEG_DTEM) --seed_everything=$(1) --trainer.logger.init_args.version=seed$(1)
+	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_R) --seeds 0 \
+		--embedding runs/camvid_dtem/seed$(1)/checkpoints/last.ckpt --out $(SEG_RESULTS)/val_seed$(1).md
+	$(DTEM) test $(SEG_DTEM) --seed_everything=$(1) --ckpt_path=runs/camvid_dtem/seed$(1)/checkpoints/last.ckpt \
+		--trainer.logger.init_args.version=test$(1)
+
+endef
+
 replicate-seg: $(VENV)/.installed ## CamVid: headroom (val), modular DTEM x3 seeds, test sweeps with intervals, pictures
 	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_HEADROOM_R) \
 		--out $(SEG_RESULTS)/headroom.md
-	for s in $(SEG_SEEDS); do \
-		$(DTEM) fit $(SEG_DTEM) --seed_everything=$$s --trainer.logger.init_args.version=seed$$s || exit 1; \
-		$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_R) --seeds 0 \
-			--embedding runs/camvid_dtem/seed$$s/checkpoints/last.ckpt --out $(SEG_RESULTS)/val_seed$$s.md || exit 1; \
-		$(DTEM) test $(SEG_DTEM) --seed_everything=$$s --ckpt_path=runs/camvid_dtem/seed$$s/checkpoints/last.ckpt \
-			--trainer.logger.init_args.version=test$$s || exit 1; \
-	done
+	$(foreach s,$(SEG_SEEDS),$(call seg_seed,$(s)))
 	$(PY) experiments/collect.py $(foreach s,$(SEG_SEEDS),seed$(s)=runs/camvid_dtem/test$(s)/sweep.csv) --metric miou \
 		--out $(SEG_RESULTS)
 	$(PY) experiments/visualize_merges.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --r $(SEG_R) --n 3 \

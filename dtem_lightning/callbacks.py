@@ -3,7 +3,6 @@ final ``last.ckpt``."""
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +11,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+
+from dtem_lightning.io import atomic_write, write_csv, write_text
 
 FIXED_COLUMNS = ["policy", "r", "gflops", "tokens"]
 
@@ -153,8 +154,10 @@ def plot_tradeoff(
         ax = bx
     ax.set_xlabel("GFLOPs (GMACs per image)")
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(out).suffix[1:] or "png"))
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -195,20 +198,17 @@ def write_sweep(
     rows: list[dict[str, Any]], out_dir: Path, metric: str | None = None, note: str = ""
 ) -> tuple[Path, Path]:
     """Write ``sweep.csv``, ``sweep.md`` (the table, then ``note``) and ``tradeoff.png`` (``metric`` vs GFLOPs,
-    one curve per policy, the NoMerge level, and the paired differences when the rows have them) to ``out_dir``.
+    one curve per policy, the NoMerge level, and the paired differences when the rows have them) to ``out_dir``,
+    each through :func:`~dtem_lightning.io.atomic_write` (an interrupted write keeps the previous file).
 
     Returns:
         The paths of sweep.csv and tradeoff.png.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     cols = FIXED_COLUMNS + [c for c in rows[0] if c not in FIXED_COLUMNS]
-    csv_path = out_dir / "sweep.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(rows)  # None (no interval) is written as an empty cell
+    csv_path = write_csv(out_dir / "sweep.csv", rows, cols)  # None (no interval) is written as an empty cell
     table = format_table([{c: r.get(c) for c in cols} for r in rows])
-    (out_dir / "sweep.md").write_text(f"{table}\n" + (f"\n{note}\n" if note else ""))
+    write_text(out_dir / "sweep.md", f"{table}\n" + (f"\n{note}\n" if note else ""))
     metric = metric or cols[len(FIXED_COLUMNS)]
     curves, baselines, differences, reference = tradeoff_series(rows, metric)
     png = plot_tradeoff(curves, out_dir / "tradeoff.png", metric, (), baselines, differences, reference)

@@ -8,13 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 # Imported so YAML can name them by short class path (ClassificationTask, DTEMSoft, ImageFolderDataModule...).
 from dtem_lightning import policy as _policy  # noqa: F401
 from dtem_lightning.callbacks import FinalCheckpoint, FlopsLogger, SweepWriter
 from dtem_lightning.data import BaseDataModule
+from dtem_lightning.io import AtomicCheckpointIO
 from dtem_lightning.tasks import BaseTask
 from dtem_lightning.tasks import base as _base  # noqa: F401
 
@@ -50,8 +54,23 @@ class DTEMCLI(LightningCLI):
 
     Modifications: with ``--ckpt_path FILE`` the task's saved hyper-parameters become defaults before parsing,
     so no model arguments are needed and config files and command-line values win over them (Lightning itself
-    lets the checkpoint win and still requires the model arguments).
+    lets the checkpoint win and still requires the model arguments). Checkpoints are written beside their
+    destination and renamed over it (:class:`~dtem_lightning.io.AtomicCheckpointIO`). ``fit`` refuses a run
+    folder that holds an earlier fit's checkpoints unless it resumes from one of them (:func:`check_run_folder`);
+    other subcommands save their config as ``config_<subcommand>.yaml``, so a ``test`` in the fit's folder keeps
+    the fit's ``config.yaml``.
     """
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        name = "config.yaml" if self.subcommand in (None, "fit") else f"config_{self.subcommand}.yaml"
+        self.save_config_kwargs = {**self.save_config_kwargs, "config_filename": name}
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no user plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def before_fit(self) -> None:
+        check_run_folder(self.trainer, self._get(self.config_init, "ckpt_path"))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(SweepWriter, "sweep")
@@ -106,6 +125,63 @@ class DTEMCLI(LightningCLI):
         """Lightning re-applies checkpoint hparams over the parsed config here; ours are defaults already."""
 
 
+def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:
+    """The folders the trainer's ``ModelCheckpoint`` callbacks write to, resolved as Lightning resolves them: the
+    callback's ``dirpath``, else ``<save_dir>/<name>/<version>/checkpoints`` of the first logger, else
+    ``<default_root_dir>/checkpoints``."""
+    dirs = []
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint):
+            continue
+        if cb.dirpath is not None:
+            folder = Path(cb.dirpath)
+        elif trainer.loggers:
+            logger = trainer.loggers[0]
+            version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+            folder = Path(save_dir, str(logger.name), version, "checkpoints")
+        else:
+            folder = Path(trainer.default_root_dir, "checkpoints")
+        if folder not in dirs:
+            dirs.append(folder)
+    return dirs
+
+
+def check_run_folder(trainer: L.Trainer, ckpt_path: str | None) -> None:
+    """Refuse a fit whose checkpoints would mix with an earlier fit's.
+
+    A fixed logger version (``--trainer.logger.init_args.version=run``) reuses the run folder: a second fit would
+    write ``last-v1.ckpt`` beside the first run's ``last.ckpt``, and a later ``dtem test --ckpt_path …/last.ckpt``
+    would test the first run. A fit into a folder that holds checkpoints must resume from one of them;
+    ``--ckpt_path=last`` must find one (Lightning would train from scratch with a warning).
+
+    Raises:
+        ValueError: the folder holds checkpoints and ``ckpt_path`` is not one of them, or ``ckpt_path`` is
+            ``last`` and there is no ``last*.ckpt`` to resume.
+    """
+    dirs = checkpoint_dirs(trainer)
+    found = sorted(p for d in dirs if d.is_dir() for p in d.glob("*.ckpt") if not p.name.startswith("."))
+    if ckpt_path == "last":
+        if not any(p.stem.startswith("last") for p in found):
+            where = " or ".join(str(d) for d in dirs) or "the run (it has no ModelCheckpoint callback)"
+            raise ValueError(
+                f"--ckpt_path=last but {where} holds no last.ckpt to resume: drop --ckpt_path to train from scratch"
+            )
+        return
+    resuming = ckpt_path is not None and Path(ckpt_path).resolve().parent in {d.resolve() for d in dirs}
+    if not found or resuming:
+        return
+    folder = found[0].parent
+    last = folder / "last.ckpt"
+    resume = last if last.is_file() else max(found, key=lambda p: p.stat().st_mtime)
+    run = folder.parent if folder.name == "checkpoints" else folder
+    names = ", ".join(p.name for p in found[:3]) + (", ..." if len(found) > 3 else "")
+    raise ValueError(
+        f"{folder} already holds checkpoints of an earlier fit ({names}): resume it with --ckpt_path={resume}, or "
+        f"start clean: remove {run} (or choose another --trainer.logger.init_args.version)"
+    )
+
+
 def _ckpt_path_arg(args: list[str]) -> str | None:
     """The value of ``--ckpt_path`` in a command line, if any."""
     for i, a in enumerate(args):
@@ -130,7 +206,7 @@ def main(args: list[str] | None = None) -> None:
             parser_class=_Parser,
             args=args,
         )
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError, FloatingPointError, KeyError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, FloatingPointError, KeyError) as e:
         if os.environ.get("DTEM_DEBUG"):
             raise
         root = _root_cause(e)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,7 +209,8 @@ class DTEMHard(MergePolicy):
     the embedding with :class:`DTEMSoft` and use this class for inference and evaluation.
 
     Args:
-        embed_dim: embedding width; None gives the head dim (twice it when the ViT is 1024 wide or more).
+        embed_dim: embedding width (at least 1); None gives the head dim (twice it when the ViT is 1024 wide or
+            more).
         order: token order after a hard merge: ``tome`` (unmerged sources, then destinations, as ToMe) or
             ``size`` (patch tokens re-sorted by size, largest first, as :class:`DTEMSoft` orders them in
             training, so the next block's alternating split pairs the same kind of tokens in both regimes).
@@ -225,6 +227,8 @@ class DTEMHard(MergePolicy):
         super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
         if order not in ("tome", "size"):
             raise ValueError(f"order must be 'tome' or 'size', got {order!r}")
+        if embed_dim is not None and (isinstance(embed_dim, bool) or embed_dim < 1):
+            raise ValueError(f"embed_dim must be >= 1 (or null for the head dim), got {embed_dim!r}")
         self.embed_dim = embed_dim
         self.order = order
         self.embed = nn.ModuleList()
@@ -277,9 +281,9 @@ class DTEMSoft(DTEMHard):
     active count drops by r per block. Everything in the soft step runs in float32, also under autocast.
 
     Args:
-        k: candidate destinations per source.
-        tau1: similarity temperature.
-        tau2: selection temperature.
+        k: candidate destinations per source (at least 1); a block with fewer destinations uses them all.
+        tau1: similarity temperature (finite, > 0).
+        tau2: selection temperature (finite, > 0).
         soft_layout: ``official`` (default): the published training step — sources are the active patch
             positions 0, 2, 4, … (the opposite parity of the hard split), destinations 1, 3, 5, …, and after
             merging the sequence [all sources; all destinations] is stably re-sorted by size, so tied sizes keep
@@ -305,8 +309,11 @@ class DTEMSoft(DTEMHard):
         super().__init__(
             r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim, order=order
         )
-        if k < 1 or tau1 <= 0 or tau2 <= 0:
-            raise ValueError(f"need k >= 1 and positive temperatures, got k={k}, tau1={tau1}, tau2={tau2}")
+        if isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be >= 1 candidate destinations, got k={k!r}")
+        for name, tau in (("tau1", tau1), ("tau2", tau2)):
+            if not (math.isfinite(tau) and tau > 0):
+                raise ValueError(f"{name} must be a finite temperature > 0, got {name}={tau!r}")
         if soft_layout not in self.SOFT_LAYOUTS:
             raise ValueError(f"soft_layout must be 'official' or 'consistent', got {soft_layout!r}")
         self.k, self.tau1, self.tau2, self.soft_layout = k, tau1, tau2, soft_layout

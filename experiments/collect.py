@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dtem_lightning import merge as M
 from dtem_lightning.callbacks import interval_columns, plot_tradeoff, tradeoff_series
+from dtem_lightning.io import write_csv, write_text
 
 FIXED = ["policy", "r", "gflops", "tokens"]
 INTERVAL_NOTE = (
@@ -193,11 +194,8 @@ def collect(
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(find_sweeps(paths)) + published_rows(setting)
     cols = columns(rows)
-    with (out / "sweep.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / "sweep.md").write_text(markdown(rows, cols) + "\n")
+    write_csv(out / "sweep.csv", rows, cols)
+    write_text(out / "sweep.md", markdown(rows, cols) + "\n")
     plot(rows, out / "tradeoff.png", metric)
     return rows
 

@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
+
+from dtem_lightning.io import atomic_write
 
 
 def backbone_state(ckpt_path: str | Path) -> dict[str, torch.Tensor]:
@@ -41,7 +43,8 @@ def export(ckpt_path: str | Path, out: str | Path, dtype: torch.dtype = torch.fl
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"source": Path(ckpt_path).name, "format": "pt"})
+    data = save(state, metadata={"source": Path(ckpt_path).name, "format": "pt"})
+    atomic_write(out, lambda tmp: tmp.write_bytes(data))
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
@@ -57,7 +60,7 @@ def export_task(ckpt_path: str | Path, out: str | Path) -> str:
         raise KeyError(f"{ckpt_path} is not a task checkpoint written by dtem fit: no {missing[0]}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: ckpt[k] for k in TASK_KEYS if k in ckpt}, out)
+    atomic_write(out, lambda tmp: torch.save({k: ckpt[k] for k in TASK_KEYS if k in ckpt}, tmp))
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 

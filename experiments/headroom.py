@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dtem_lightning import merge as M
 from dtem_lightning import stats
+from dtem_lightning.io import write_text
 from dtem_lightning.patch import MergeVisionTransformer, apply_policy, use_policy
 from dtem_lightning.policy import DTEMHard, MergePolicy, NoMerge, ToMe
 
@@ -347,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     print(header + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(header + text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_text(args.out, header + text + "\n")
+        write_text(args.out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     return 0
 
 
@@ -370,8 +371,8 @@ def _main_segmentation(args: argparse.Namespace) -> int:
     print(header + text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(header + text + "\n")
-        args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+        write_text(args.out, header + text + "\n")
+        write_text(args.out.with_suffix(".json"), json.dumps(rows, indent=1) + "\n")
     return 0
 
 

@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from dtem_lightning import policy as policies
+from dtem_lightning.io import save_image
 from dtem_lightning.merge import patch_groups
 from dtem_lightning.patch import apply_policy
 
@@ -98,7 +99,7 @@ def _main_segmentation(args: argparse.Namespace) -> None:
             policy.load_state_dict(trained_embedding(args.embedding[i - 1]))
     for r in args.r:
         out = Path(args.out) if len(args.r) == 1 else Path(args.out).with_stem(f"{Path(args.out).stem}_r{r}")
-        Image.fromarray(segmentation_rows(task, x, y, pols, r, dm.data_config)).save(out)
+        save_image(out, Image.fromarray(segmentation_rows(task, x, y, pols, r, dm.data_config)))
         print(f"wrote {out}: columns = image, ground truth, " + ", ".join(f"{n} r={r}" for n in names))
 
 
@@ -153,7 +154,7 @@ def main() -> None:
                 groups = patch_groups(policy.state.source, model.num_prefix_tokens)[0].numpy()
             row.append(group_image(shown, groups, grid))
         rows.append(np.concatenate(row, axis=1))
-    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
+    save_image(args.out, Image.fromarray(np.concatenate(rows, axis=0)))
     print(f"wrote {args.out}: columns = image, " + ", ".join(f"{args.policy} r={r}" for r in args.r))
 
 

@@ -13,7 +13,7 @@ from dtem_lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
-    "pretrain-small", "demo", "demo-quick", "replicate-small",
+    "pretrain-small", "demo", "demo-quick", "replicate-small", "seg-backbone", "replicate-seg",
     "table1-deit-s", "table1-deit-b", "table1-mae-b", "table1-mae-l", "tome-offshelf", "e2e-deit-s",
     "table4-git-b", "table5-seg-s",
 ]  # fmt: skip
@@ -82,12 +82,25 @@ def test_headroom_target_parses():
 def test_demo_sequence(parsed):
     cmds = parsed["demo"]
     stages = [c[0] for c in dtem_commands(cmds)]
-    assert stages == ["fit", "test"]
+    assert stages == ["fit", "test", "fit", "test"]  # classification, then segmentation (CamVid)
     test = dtem_commands(cmds)[1]
     assert {"--model.init_args.test_policies+=NoMerge", "--model.init_args.test_policies+=ToMe",
             "--model.init_args.test_policies+=DTEMHard"} <= set(test)  # fmt: skip
-    assert any("collect.py" in w for w in cmds[-1]) and "results/demo" in cmds[-1]
+    collects = [c for c in cmds if any("collect.py" in w for w in c)]
+    assert "results/demo" in collects[0] and "results/demo/seg" in collects[1]
+    seg_fit, seg_test = dtem_commands(cmds)[2:]
+    assert "--model.init_args.init_from=checkpoints/camvid_seg_vit.ckpt" in seg_fit
+    assert "--ckpt_path=runs/demo/seg_fit/checkpoints/last.ckpt" in seg_test
     assert any("prepare_cifar10.py" in w for c in cmds for w in c)
+
+
+def test_replicate_seg_sequence(parsed):
+    stages = [c[0] for c in dtem_commands(parsed["replicate-seg"])]
+    assert stages == ["fit", "test"] * 3  # three training seeds, one test sweep each
+    seeds = [
+        w for c in dtem_commands(parsed["replicate-seg"]) for w in c if w.startswith("--seed_everything")
+    ]
+    assert seeds == ["--seed_everything=0"] * 2 + ["--seed_everything=1"] * 2 + ["--seed_everything=2"] * 2
 
 
 def test_overlays_change_the_model(parsed, capsys):

@@ -63,9 +63,12 @@ def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def data_config(args: list[str], root: Path, capsys: pytest.CaptureFixture) -> dict:
-    """The data module's resolved config for a dtem command line, built as the CLI builds it (backbone linked)."""
+def data_config(args: list[str], root: Path, capsys: pytest.CaptureFixture) -> dict | None:
+    """The data module's resolved config for a dtem command line, built as the CLI builds it (backbone linked);
+    None for a command that is not on class folders (the demo's CamVid stage: not an ImageNet/CIFAR model)."""
     cfg = yaml.safe_load(print_config(args, capsys))
+    if not cfg["data"]["class_path"].endswith("ImageFolderDataModule"):
+        return None
     module, _, name = cfg["data"]["class_path"].rpartition(".")
     init = {**cfg["data"]["init_args"], "root": str(root), "backbone": cfg["model"]["init_args"]["backbone"]}
     return getattr(importlib.import_module(module), name)(**init).data_config
@@ -79,9 +82,13 @@ def test_every_paper_config_is_checked(commands):
 @pytest.mark.parametrize("target", list(EXPECTED))
 def test_data_config_is_what_the_model_was_trained_with(target, commands, image_tree, capsys):
     want = EXPECTED[target]
+    checked = 0
     for args in commands[target]:
         got = data_config(args, image_tree, capsys)
-        assert {k: _rounded(got[k]) for k in want} == want, (target, args)
+        if got is not None:
+            assert {k: _rounded(got[k]) for k in want} == want, (target, args)
+            checked += 1
+    assert checked, f"{target}: no classification command checked"
 
 
 def _rounded(v: object) -> object:
@@ -142,7 +149,7 @@ def test_mae_config_runs_with_debug_overlay(name, image_tree, tmp_path):
     (sweep,) = tmp_path.rglob("sweep.csv")
     with sweep.open() as f:
         rows = [(r["policy"], r["r"]) for r in csv.DictReader(f)]
-    own = [("DTEMSoft", r) for r in ("0", "2", "4")]
+    own = [("DTEMSoft (untrained)", r) for r in ("0", "2", "4")]  # tested without a checkpoint
     assert rows == [*own, ("NoMerge", "0"), *[("ToMe", r) for _, r in own],
                     *[("DTEMHard (untrained)", r) for _, r in own]]  # fmt: skip
     cli = DTEMCLI(BaseTask, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,

@@ -84,6 +84,15 @@ def _head_rows(path: str | Path) -> int | None:
     return int(shape[0]) if shape is not None else None
 
 
+def _head_note(source: str, rows: int | None, kwargs: dict[str, Any]) -> str | None:
+    """The line "SOURCE has a K-class head but the model has N classes" when timm drops the weights' head, else
+    None (no head in the weights, or a model without a classifier head: ``num_classes`` 0)."""
+    num_classes = kwargs.get("num_classes")
+    if rows is None or not num_classes or rows == num_classes:
+        return None
+    return f"{source} has a {rows}-class head but the model has {num_classes} classes"
+
+
 def _weights_only_copy(path: str | Path) -> Path:
     """Re-save a trusted pickled checkpoint's tensors to a temporary file that loads with weights_only=True."""
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -187,6 +196,8 @@ class BaseTask(L.LightningModule):
         if init_from is not None and not Path(init_from).is_file():
             raise FileNotFoundError(f"init_from {init_from!r} does not exist")
         self._init_from_loaded = False
+        self._policy_trained = False  # its weights came from a checkpoint (ckpt_path, init_from) or a fit
+        self._dropped_head: str | None = None  # the weights' classifier head had another class count
         # Under LightningCLI the hyper-parameters are the config (class paths for components); from Python,
         # component objects are left out so checkpoints stay loadable with weights_only=True.
         from_cli = _given_hyperparameters.get() is not None
@@ -270,11 +281,14 @@ class BaseTask(L.LightningModule):
                 path = _weights_only_copy(path)
                 rows = _head_rows(path)
             self._check_patch_size(path, name, kwargs)
+            self._dropped_head = _head_note(f"checkpoint_path {self.hparams.checkpoint_path}", rows, kwargs)
             overlay = {"file": str(path), "hf_hub_id": None, "url": None}
             if rows is not None:  # timm keeps the file's head only when its class count matches the model's
                 overlay["num_classes"] = rows
             return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
         if self.hparams.pretrained:
+            hub_rows = getattr(timm.models.get_pretrained_cfg(name), "num_classes", None)
+            self._dropped_head = _head_note(f"the hub weights of {name}", hub_rows, kwargs)
             try:
                 return timm.create_model(name, pretrained=True, **kwargs)
             except Exception as e:  # network errors come in many types
@@ -303,9 +317,33 @@ class BaseTask(L.LightningModule):
                 f"set backbone_kwargs.patch_size={stored[-1]} or pass weights of the model's patch size"
             )
 
+    def check_new_head(self, stage: str) -> None:
+        """Refuse a classifier head that timm started afresh (the weights have another class count) when nothing
+        trains it or brings trained weights for it: every sweep row would report chance-level accuracy.
+
+        A fit whose head trains (``train`` ``all`` or ``policy+head``) says so in one line; a checkpoint restored
+        by the Trainer (``ckpt_path``) or ``init_from`` brings its own head.
+        """
+        dropped = self._dropped_head
+        if dropped is None:
+            return
+        if stage != "fit":
+            raise ValueError(
+                f"{dropped}: timm drops that head and no checkpoint brings a trained one: refusing to {stage} a "
+                "random head (pass --ckpt_path of a fit of this task, or weights with the model's class count)"
+            )
+        if self.hparams.freeze_backbone or self.hparams.train == "policy":
+            why = "freeze_backbone: true" if self.hparams.freeze_backbone else "train: policy"
+            raise ValueError(
+                f"{dropped}: timm drops that head and the new one would never train ({why}); train it with "
+                "train: policy+head (without freeze_backbone), or pass weights with the model's class count"
+            )
+        self.print(f"note: {dropped}: a new head is trained")
+
     def policies(self) -> list[tuple[str, MergePolicy]]:
-        """(label, policy) pairs evaluated by the test loop: the task's own policy first."""
-        pairs = [(policy_label(self.policy, trained=True), self.policy)]
+        """(label, policy) pairs evaluated by the test loop: the task's own policy first, marked "(untrained)"
+        when it has parameters that neither a checkpoint (``ckpt_path``, ``init_from``) nor a fit trained."""
+        pairs = [(policy_label(self.policy, trained=self._policy_trained), self.policy)]
         return pairs + [(policy_label(p, trained=False), p) for p in self.test_policies]
 
     def sweep(self) -> list[tuple[int, str, MergePolicy, int | list[int]]]:
@@ -538,6 +576,33 @@ class BaseTask(L.LightningModule):
             if v.numel() == 1:  # vector metrics (e.g. per-class IoU) are not logged; subclasses may read them
                 self.log(f"val/{k}", v, prog_bar=True)
         self.val_metrics.reset()
+
+    def on_fit_start(self) -> None:
+        self.check_new_head("fit")
+
+    def on_train_start(self) -> None:
+        self._policy_trained = True
+        self._dropped_head = None  # the new head trains from here
+
+    def on_test_start(self) -> None:
+        self.check_new_head("test")
+        self.check_finite_weights()
+
+    def on_predict_start(self) -> None:
+        self.check_new_head("predict")
+        self.check_finite_weights()
+
+    def check_finite_weights(self) -> None:
+        """Refuse to evaluate NaN or infinite weights (NaN logits score as class 0: chance level, no error)."""
+        for name, t in self.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                ckpt = self.trainer.ckpt_path if self._trainer is not None else None
+                raise FloatingPointError(
+                    f"{name} holds {bad} non-finite value(s) of {t.numel()}"
+                    + (f" (checkpoint {ckpt})" if ckpt else "")
+                    + ": refusing to evaluate non-finite weights"
+                )
 
     def on_test_epoch_start(self) -> None:
         self._reset_sample_stats()
@@ -792,7 +857,9 @@ class BaseTask(L.LightningModule):
                 f"ignored ({first}, ...)",
                 stacklevel=2,
             )
-        if any(k.startswith("policy.") for k in missing):
+        self._dropped_head = None  # the checkpoint's head replaces the new one
+        self._policy_trained = not any(k.startswith("policy.") for k in missing)
+        if not self._policy_trained:
             warnings.warn(
                 f"checkpoint has no weights for {type(self.policy).__name__}: its parameters keep "
                 "their initialisation",

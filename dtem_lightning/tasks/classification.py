@@ -92,6 +92,7 @@ class ClassificationTask(BaseTask):
         return F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         # DESIGN.md 2.7: merging after the last attention cannot change the class token.
         token_head = self.backbone.global_pool == "token"
         if token_head and self.policy.schedule[-1] and any(p.requires_grad for p in self.policy.parameters()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from dtem_lightning import flops, stats
 from dtem_lightning.data.segmentation import IGNORE_INDEX, colorize, default_palette
+from dtem_lightning.io import save_image, write_csv
 from dtem_lightning.patch import active_policy
 from dtem_lightning.tasks.base import BaseTask
 
@@ -314,10 +314,7 @@ class SegmentationTask(BaseTask):
         if self.class_iou and self.trainer.is_global_zero and self.trainer.log_dir:
             path = Path(self.trainer.log_dir) / "class_iou.csv"
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(self.class_iou[0]))
-                writer.writeheader()
-                writer.writerows(self.class_iou)
+            write_csv(path, self.class_iou, list(self.class_iou[0]))
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Predicted label maps [B, H, W] (uint8); saves image | ground truth | prediction PNGs (``save_png``)."""
@@ -348,7 +345,7 @@ class SegmentationTask(BaseTask):
         pr = np.asarray(colorize(pred.cpu().numpy(), palette))
         gap = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.concatenate([rgb, gap, gt, gap, pr], axis=1)).save(path)
+        save_image(path, Image.fromarray(np.concatenate([rgb, gap, gt, gap, pr], axis=1)))
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:

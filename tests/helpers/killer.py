@@ -1,4 +1,5 @@
-"""Test helper callbacks: a process that dies after a given training step, or in the middle of a checkpoint write."""
+"""Test helper callbacks: a process that dies after a given training step or in the middle of a checkpoint write, or
+whose checkpoint write fails as on a full disk."""
 
 from __future__ import annotations
 
@@ -33,4 +34,17 @@ class DieWritingLastCheckpoint(L.Callback):
         size = last.stat().st_size // 2
         resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it (writes then fail with EFBIG): die
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+class FullDiskWritingLastCheckpoint(L.Callback):
+    """When training ends, before the final ``last.ckpt`` is written: copy the current one to ``last.ckpt.before``,
+    then cap this process's file size at half of it with SIGXFSZ ignored (Python's default), so that the next
+    checkpoint write fails midway with an OSError (EFBIG), as a write to a full disk fails with ENOSPC."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last = Path(trainer.checkpoint_callback.last_model_path)
+        shutil.copyfile(last, f"{last}.before")
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        size = last.stat().st_size // 2
         resource.setrlimit(resource.RLIMIT_FSIZE, (size, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
