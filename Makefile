@@ -65,7 +65,7 @@ pretrain-small: data-cifar10 ## Train the demo's small ViT (~25 min on 2 CPU cor
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=small
 	$(PY) experiments/export_backbone.py runs/cifar10_vit_pretrain/small/checkpoints/last.ckpt $(SMALL_WEIGHTS)
 
-demo: data-cifar10 ## The main job: DTEM on CIFAR-10 and on CamVid segmentation, one r-sweep each, results/demo (~15 min)
+demo: data-cifar10 ## The main job: DTEM on CIFAR-10 and on CamVid segmentation, one r-sweep each, results/demo (~7 min)
 	rm -rf $(DEMO_RUN)
 	$(DTEM) fit -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
 		--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --trainer.accelerator=$(ACCELERATOR) \
