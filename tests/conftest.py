@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -61,3 +62,11 @@ def image_root(tmp_path_factory: pytest.TempPathFactory) -> str:
     if CIFAR.is_file():
         return str(CIFAR)
     return str(make_image_tree(tmp_path_factory.mktemp("imgs")))
+
+
+def read_sweep(out: Path) -> list[dict[str, str]]:
+    """Rows of the newest ``sweep.csv`` under ``out``."""
+    files = sorted(out.rglob("sweep.csv"), key=lambda p: p.stat().st_mtime)
+    assert files, f"no sweep.csv under {out}"
+    with files[-1].open() as f:
+        return list(csv.DictReader(f))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import read_sweep
 
 from dtem_lightning.cli import main
 
@@ -26,11 +26,6 @@ def _args(image_root: str, out: Path, *extra: str) -> list[str]:
 def _policy_weights(path: Path) -> dict[str, torch.Tensor]:
     state = torch.load(path, weights_only=True)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("policy.")}
-
-
-def _sweep(out: Path) -> list[dict[str, str]]:
-    with next(out.rglob("sweep.csv")).open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("save_last", [True, "link"])
@@ -74,7 +69,7 @@ def test_last_ckpt_is_final_when_metric_stops_improving(image_root, tmp_path, sa
     for name in ("last.ckpt", "step-step=4.ckpt"):
         out = tmp_path / f"test_{name}"
         main(["test", *_args(image_root, out), f"--ckpt_path={ckpts[name]}"])
-        sweeps.append(_sweep(out))
+        sweeps.append(read_sweep(out))
     assert sweeps[0] == sweeps[1]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CAMVID, FLICKR, ROOT
+from conftest import CAMVID, FLICKR, ROOT, read_sweep
 
 from dtem_lightning.cli import main
 
@@ -100,13 +99,6 @@ def debug_args(cfg: Path, image_root: str, out: Path) -> list[str]:
 def _short(policy: str | dict) -> str:
     """Class name of a policy given in YAML as a (short or full) class path or as {class_path: ...}."""
     return (policy if isinstance(policy, str) else policy["class_path"]).rsplit(".", 1)[-1]
-
-
-def read_sweep(out: Path) -> list[dict[str, str]]:
-    files = sorted(out.rglob("sweep.csv"), key=lambda p: p.stat().st_mtime)
-    assert files, f"no sweep.csv under {out}"
-    with files[-1].open() as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.mark.parametrize("cfg", EXPERIMENTS, ids=lambda p: p.stem)
