@@ -17,8 +17,9 @@ from timm.data.auto_augment import RandAugment
 from torchvision import transforms as T
 
 from dtem_lightning.data import BaseDataModule, ImageFolderDataModule, SyntheticDataModule
-from dtem_lightning.data.base import ResumableSampler, SeededDataset, resolve_backbone_config
+from dtem_lightning.data.base import resolve_backbone_config
 from dtem_lightning.data.folder import to_rgb
+from dtem_lightning.data.sampling import ResumableSampler, SeededDataset
 
 CIFAR_ZIP = CIFAR
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

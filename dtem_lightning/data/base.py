@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import random
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import timm
 import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
 from timm.data.auto_augment import RandAugment
 from timm.data.transforms import str_to_interp_mode
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+
+from dtem_lightning.data.sampling import ResumableSampler, SeededDataset, samples_done_this_epoch
 
 TINY_SIZE = 64  # at or below this side length images are resized, never randomly cropped from a large canvas
 TRAIN_TRANSFORMS = ("deit", "simple")
@@ -58,73 +57,6 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
     if bits_to_keep <= 0:
         return img.point(lambda _: 0)
     return ImageOps.posterize(img, bits_to_keep)
-
-
-def _global_seed() -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
-
-
-class ResumableSampler(DistributedSampler):
-    """Shuffled order that is a function of (seed, epoch) and can skip what an interrupted run consumed.
-
-    Yields ``(index, sample_seed)`` pairs for :class:`SeededDataset`. Shards across DDP processes itself (Lightning
-    leaves a ``DistributedSampler`` alone); in one process it is a plain seeded shuffle.
-
-    Args:
-        dataset: the training dataset.
-        skip_fn: samples of this process to skip at the start of the next iteration (resume mid-epoch).
-        seed: base seed (default: the one ``seed_everything`` set).
-    """
-
-    def __init__(
-        self, dataset: Dataset, skip_fn: Callable[[], int] | None = None, seed: int | None = None
-    ) -> None:
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        super().__init__(
-            dataset,
-            num_replicas=torch.distributed.get_world_size() if distributed else 1,
-            rank=torch.distributed.get_rank() if distributed else 0,
-            shuffle=True,
-            seed=_global_seed() if seed is None else seed,
-        )
-        self.skip_fn = skip_fn
-
-    def __iter__(self):  # noqa: ANN204
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.dataset), generator=g).tolist()
-        order += order[: self.total_size - len(order)]  # pad to a multiple of the process count
-        mine = list(enumerate(order))[self.rank : self.total_size : self.num_replicas]
-        skip = self.skip_fn() if self.skip_fn else 0
-        for pos, index in mine[skip:]:
-            yield index, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + pos
-
-
-class SeededDataset(Dataset):
-    """Runs each sample's random augmentation under its own seed, independent of the global RNG timeline."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, seed = key
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                random.seed(seed)
-                np.random.seed(seed % 2**32)
-                return self.base[index]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-
-    def __getattr__(self, name: str) -> Any:  # e.g. .samples, .classes of the wrapped dataset
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -269,10 +201,7 @@ class BaseDataModule(L.LightningDataModule):
 
     def _samples_done_this_epoch(self) -> int:
         """Training samples this process already consumed in the current epoch (non-zero after a resume)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is None or not trainer.training:
-            return 0
-        return trainer.fit_loop.epoch_loop.batch_progress.current.completed * self.batch_size
+        return samples_done_this_epoch(getattr(self, "trainer", None), self.batch_size)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled batches; the last partial batch is dropped when the dataset exceeds one batch."""
