@@ -59,7 +59,7 @@ $(DTEM): # the demo installs the venv only when it is missing (a changed pyproje
 data-cifar10: | $(DTEM) ## CIFAR-10 image folders under data/cifar10 (from ../shared/data, else torchvision)
 	$(PY) experiments/prepare_cifar10.py --out $(CIFAR10)
 
-pretrain-small: data-cifar10 ## Train the demo's small ViT (~25 min on 2 CPU cores) and export it to SMALL_WEIGHTS
+pretrain-small: data-cifar10 ## Train the demo's small ViT (about 10 min on 2 CPU cores) and export it to SMALL_WEIGHTS
 	rm -rf runs/cifar10_vit_pretrain/small
 	$(DTEM) fit -c configs/cifar10_vit_pretrain.yaml --data.init_args.root=$(CIFAR10) \
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=small
@@ -90,7 +90,7 @@ demo-quick: ## The demo with few steps and test batches (under 5 min; results in
 # ----------------------------------------------------------------------------------------------------------------
 # Small-scale replication (hours on CPU, minutes on a GPU; not part of CI). RESUME=1 continues interrupted fits;
 # without it, a fit whose run folder (fixed version: run, fit, seedN) holds checkpoints refuses with one line:
-# resume, or remove that folder to start over. A `dtem test` writes its own version folder (or config_test.yaml).
+# resume, or remove that folder to start over. Each `dtem test` line removes its own test folder first (dtem refuses to write over earlier results).
 P2_WEIGHTS ?= checkpoints/cifar10_vit_p2.safetensors
 REPL_RESULTS ?= results/replicate-small
 RESUME ?=
@@ -114,6 +114,7 @@ replicate-small: data-cifar10 ## Patch-2 ViT pretraining, headroom check, DTEM t
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=run $(RESUME_ARG)
 	$(REPL_HEADROOM) --seeds 2 \
 		--embedding runs/replicate_small_dtem/run/checkpoints/last.ckpt --out $(REPL_RESULTS)/val_trained.md
+	rm -rf runs/replicate_small_dtem/test
 	$(DTEM) test -c configs/cifar10_dtem_modular.yaml -c configs/paper/cifar10_p2_dtem.yaml \
 		--data.init_args.root=$(CIFAR10) --model.init_args.checkpoint_path=$(P2_WEIGHTS) \
 		--ckpt_path=runs/replicate_small_dtem/run/checkpoints/last.ckpt $(COMPARE) \
@@ -121,7 +122,7 @@ replicate-small: data-cifar10 ## Patch-2 ViT pretraining, headroom check, DTEM t
 		--trainer.accelerator=$(ACCELERATOR) --trainer.logger.init_args.version=test
 	$(PY) experiments/collect.py replicate-small=runs/replicate_small_dtem/test/sweep.csv --out $(REPL_RESULTS)
 
-headroom-small: data-cifar10 ## Headroom check on the demo's small ViT (val split): do merge choices matter?
+headroom-small: data-cifar10 ## Headroom check on the demo's small ViT (val split): do merge choices matter? (~2 min)
 	$(PY) experiments/headroom.py --checkpoint-path $(SMALL_WEIGHTS) --root $(CIFAR10) --split val \
 		--r 8 10 --max-per-class 100 --out results/demo/headroom.md
 
@@ -153,6 +154,7 @@ SEG_S_WEIGHTS ?=
 define modular
 	$(DTEM) fit $(2) $(PAPER_TRAINER) $(call weights,$(3)) --trainer.logger.init_args.name=$(1) \
 		--trainer.logger.init_args.version=fit $(RESUME_ARG)
+	rm -rf runs/$(1)/test
 	$(DTEM) test $(2) $(PAPER_TRAINER) $(call weights,$(3)) --ckpt_path=runs/$(1)/fit/checkpoints/last.ckpt \
 		$(5) --trainer.logger.init_args.name=$(1) --trainer.logger.init_args.version=test
 	$(PY) experiments/collect.py $(1)=runs/$(1)/test/sweep.csv --out $(PAPER_RESULTS)/$(1) $(4)
@@ -173,6 +175,7 @@ table1-mae-l: ## Table 1 MAE ViT-L modular (MAE fine-tuned weights via MAE_L_WEI
 table1: table1-deit-s table1-deit-b table1-mae-b table1-mae-l ## All Table 1 modular rows
 
 tome-offshelf: ## ToMe off-the-shelf r-sweep on DeiT-S (test only; NoMerge and ToMe rows)
+	rm -rf runs/tome_offshelf/test
 	$(DTEM) test -c configs/deit_s_tome_offshelf.yaml $(PAPER_TRAINER) $(call weights,$(DEIT_S_WEIGHTS)) \
 		--trainer.logger.init_args.name=tome_offshelf --trainer.logger.init_args.version=test
 	$(PY) experiments/collect.py tome-offshelf=runs/tome_offshelf/test/sweep.csv \
@@ -186,6 +189,7 @@ e2e-deit-s: ## End-to-end DTEM on DeiT-S (appendix Table 14 style, 100 epochs)
 define task_sweep
 	$(DTEM) fit $(2) $(PAPER_DEVICES) $(call weights,$(3)) --trainer.logger.init_args.name=$(1) \
 		--trainer.logger.init_args.version=fit $(RESUME_ARG)
+	rm -rf runs/$(1)/test
 	$(DTEM) test $(2) $(PAPER_DEVICES) $(call weights,$(3)) --ckpt_path=runs/$(1)/fit/checkpoints/last.ckpt \
 		--trainer.logger.init_args.name=$(1) --trainer.logger.init_args.version=test
 	$(PY) experiments/collect.py $(1)=runs/$(1)/test/sweep.csv --out $(PAPER_RESULTS)/$(1) --metric $(4)
@@ -200,7 +204,7 @@ table5-seg-s: ## Table 5 segmentation: Seg-S-Mask/16 on ADE20K (ADE20K=root, SEG
 CAMVID_RUN := runs/camvid_small/make
 CAMVID_ARGS := -c configs/camvid_small.yaml --trainer.logger.init_args.version=make
 
-camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~3 min on 2 idle CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make (starts clean)
+camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (2.5 min on 2 idle CPU cores), r-sweep + prediction PNGs in runs/camvid_small/make (starts clean)
 	rm -rf $(CAMVID_RUN)
 	$(BIN)/dtem fit $(CAMVID_ARGS)
 	$(BIN)/dtem test $(CAMVID_ARGS) --ckpt_path=$(CAMVID_RUN)/checkpoints/last.ckpt
@@ -209,7 +213,7 @@ camvid-small: $(VENV)/.installed ## Train configs/camvid_small.yaml (~3 min on 2
 CAPTION_RUN := runs/flickr8k_small/make
 CAPTION_ARGS := -c configs/flickr8k_small.yaml --trainer.logger.init_args.version=make
 
-caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (~12 min on 2 idle CPU cores), r-sweep in runs/flickr8k_small/make (starts clean)
+caption-small: $(VENV)/.installed ## Train configs/flickr8k_small.yaml (12-22 min on 2 CPU cores), r-sweep in runs/flickr8k_small/make (starts clean)
 	rm -rf $(CAPTION_RUN)
 	$(BIN)/dtem fit $(CAPTION_ARGS)
 	$(BIN)/dtem test $(CAPTION_ARGS) --ckpt_path=$(CAPTION_RUN)/checkpoints/last.ckpt
@@ -229,7 +233,7 @@ SEG_DTEM := $(SEG_BASE) -c configs/replicate_seg/dtem.yaml --model.init_args.ini
 	--model.init_args.policy.init_args.r=$(SEG_R)
 .PHONY: seg-backbone replicate-seg
 
-seg-backbone: $(VENV)/.installed ## Train the CamVid backbone of replicate-seg (6 blocks, 40 epochs) and export SEG_WEIGHTS
+seg-backbone: $(VENV)/.installed ## Train the CamVid backbone of replicate-seg (6 blocks, 40 epochs, ~35 min) and export SEG_WEIGHTS
 	$(DTEM) fit $(SEG_BASE) --trainer.logger.init_args.version=run $(RESUME_ARG)
 	$(PY) experiments/export_backbone.py --task runs/camvid_backbone/run/checkpoints/last.ckpt $(SEG_WEIGHTS)
 
@@ -238,12 +242,13 @@ define seg_seed
 	$(DTEM) fit $(SEG_DTEM) --seed_everything=$(1) --trainer.logger.init_args.version=seed$(1)
 	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_R) --seeds 0 \
 		--embedding runs/camvid_dtem/seed$(1)/checkpoints/last.ckpt --out $(SEG_RESULTS)/val_seed$(1).md
+	rm -rf runs/camvid_dtem/test$(1)
 	$(DTEM) test $(SEG_DTEM) --seed_everything=$(1) --ckpt_path=runs/camvid_dtem/seed$(1)/checkpoints/last.ckpt \
 		--trainer.logger.init_args.version=test$(1)
 
 endef
 
-replicate-seg: $(VENV)/.installed ## CamVid: headroom (val), modular DTEM x3 seeds, test sweeps with intervals, pictures
+replicate-seg: $(VENV)/.installed ## CamVid: headroom (val), modular DTEM x3 seeds, test sweeps with intervals, pictures (~35 min)
 	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_HEADROOM_R) \
 		--out $(SEG_RESULTS)/headroom.md
 	$(foreach s,$(SEG_SEEDS),$(call seg_seed,$(s)))

@@ -4,14 +4,13 @@ torchvision's compiled library cannot load next to a CPU torch; its meta registr
 operators ``torchvision::nms`` and ``torchvision::qnms``, which do not exist, and ``import torchvision`` (hence
 timm, lightning, torchmetrics, ptflops) fails. Before torchvision's first import we define those two schemas,
 and only when torch is a CPU build and the compiled library really fails to load; everywhere else nothing happens.
+
+The ``.pth`` file imports this module in every interpreter of the environment, so importing it must cost nothing
+measurable: it imports nothing beyond ``sys`` and adds one finder that compares module names until torchvision is
+imported (or forever, in a program that never imports it). The work happens only at torchvision's first import.
 """
 
-from __future__ import annotations
-
-import importlib.abc
-import importlib.util
 import sys
-from pathlib import Path
 
 _SCHEMAS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
@@ -21,6 +20,9 @@ _keep: list = []  # torch.library.Library objects must stay alive for their defi
 
 
 def _fix() -> None:
+    import importlib.util
+    from pathlib import Path
+
     import torch
 
     if torch.version.cuda is not None:
@@ -45,8 +47,9 @@ def _fix() -> None:
     _keep.append(lib)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
-    """Runs the fix once, just before torchvision is imported, then steps aside."""
+class _Finder:
+    """Runs the fix once, just before torchvision is imported, then steps aside (a meta path finder by protocol:
+    subclassing importlib.abc.MetaPathFinder would import importlib.abc in every interpreter)."""
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
         if fullname == "torchvision":

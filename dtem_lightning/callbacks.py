@@ -4,13 +4,16 @@ final ``last.ckpt``."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from dtem_lightning.io import atomic_write, write_csv, write_text
 
@@ -59,6 +62,32 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# Axis labels in words for the metric columns of the tasks (other columns are shown as they are named).
+METRIC_NAMES = {
+    "acc1": "top-1 accuracy",
+    "acc5": "top-5 accuracy",
+    "miou": "mean IoU",
+    "pixel_acc": "pixel accuracy",
+    "cider": "CIDEr-D",
+    "bleu1": "BLEU-1",
+    "bleu4": "BLEU-4",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE-L",
+}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def metric_name(column: str) -> str:
+    """The words for a metric column on an axis ("acc1" -> "top-1 accuracy")."""
+    return METRIC_NAMES.get(column, column)
+
+
+def tag_of(label: str) -> str:
+    """A row label as a TensorBoard tag part: letters, digits, ``_ . - =`` ("DTEM (trained)" -> "DTEM_trained")."""
+    return re.sub(r"[^A-Za-z0-9_.\-=]+", "_", label).strip("_") or "row"
 
 
 # Neither y-axis spans less than this many times the widest interval: a difference inside the noise looks small.
@@ -116,8 +145,10 @@ def plot_tradeoff(
         fig, (ax, bx) = plt.subplots(2, 1, figsize=(6, 6.4), sharex=True, height_ratios=[3, 2])
     else:
         fig, ax = plt.subplots(figsize=(6, 4.2))
-    colours, ys = {}, []
-    for label, pts in curves.items():
+    colours: dict[str, str] = {}
+    styles: dict[str, dict[str, Any]] = {}
+    ys: list[float] = []
+    for n, (label, pts) in enumerate(curves.items()):
         # Sorted by GFLOPs and value only: r may be an int or a schedule label ("8,4,0"), which do not compare.
         pts = sorted((p for p in pts if finite(p[0], p[1])), key=lambda p: p[:2])
         if not pts:
@@ -127,16 +158,22 @@ def plot_tradeoff(
         if label in stars:
             colours[label] = ax.plot(xs, vs, "*", ms=10, label=label)[0].get_color()
             continue
-        colours[label] = ax.plot(xs, vs, marker="o", label=label)[0].get_color()
+        if label in (baselines or {}) and len(pts) == 1:  # the NoMerge point: drawn with its level line below
+            ax.plot(xs, vs, "o", color="0.35", ms=6, zorder=3)
+            continue
+        # Each curve its own marker and dash, later ones smaller: curves that coincide stay visible.
+        style = {"marker": MARKERS[n % len(MARKERS)], "ls": LINESTYLES[n % len(LINESTYLES)]}
+        styles[label] = {**style, "ms": max(3.0, 8.0 - 1.2 * n), "lw": max(0.8, 2.2 - 0.3 * n), "alpha": 0.85}
+        colours[label] = ax.plot(xs, vs, label=label, **styles[label])[0].get_color()
         for g, m, r in pts:
             ax.annotate(f"r{r}", (g, m), fontsize=7, textcoords="offset points", xytext=(3, 3))
     for label, v in (baselines or {}).items():
         if finite(v):
-            ax.axhline(v, color="0.35", ls="--", lw=1, label=f"{label} level")
+            ax.axhline(v, color="0.35", ls=(0, (4, 3)), lw=1, label=f"{label} (r = 0)")
             ys.append(v)
     if ys:
         ax.set_ylim(*_limits(ys, min_span))
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(metric_name(ylabel))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if diffs:
@@ -145,14 +182,15 @@ def plot_tradeoff(
         for label, pts in diffs.items():
             xs, d, lo, hi = (list(v) for v in zip(*pts))
             err = [[max(0.0, a - b) for a, b in zip(d, lo)], [max(0.0, b - a) for a, b in zip(d, hi)]]
-            bx.errorbar(xs, d, yerr=err, marker="o", ms=4, capsize=3, color=colours.get(label), label=label)
+            style = styles.get(label, {"marker": "o", "ms": 4})
+            bx.errorbar(xs, d, yerr=err, capsize=3, color=colours.get(label), label=label, **style)
             ds += lo + hi + d
         bx.set_ylim(*_limits(ds, min_span))
-        bx.set_ylabel(f"{ylabel} − {reference}\n(paired 95 % interval)", fontsize=8)
+        bx.set_ylabel(f"{metric_name(ylabel)} − {reference}\n(paired 95 % interval)", fontsize=8)
         bx.grid(alpha=0.3)
         bx.legend(fontsize=7)
         ax = bx
-    ax.set_xlabel("GFLOPs (GMACs per image)")
+    ax.set_xlabel("GMACs per image (the gflops column)")
     fig.tight_layout()
     try:
         atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(out).suffix[1:] or "png"))
@@ -215,6 +253,47 @@ def write_sweep(
     return csv_path, png
 
 
+def log_sweep(
+    loggers: list[Logger], rows: list[dict[str, Any]], figure: Path | None = None, table: str = ""
+) -> None:
+    """Log a sweep as curves over r: one value per row label and constant r (schedules only in the figure and the
+    table), each curve starting at the NoMerge row (r = 0), for every metric column, ``gflops`` and ``tokens``.
+
+    Every logger gets ``sweep/<column>/<label>`` at step r; TensorBoard also a custom-scalars layout with one
+    chart per column and a line per label (its CUSTOM SCALARS tab), the trade-off figure as an image and the
+    table as text.
+    """
+    columns = [c for c in rows[0] if c not in ("policy", "r", "d_ref") and not c.endswith(("_lo", "_hi"))]
+    base = next((row for row in rows if row["policy"] == "NoMerge"), None)
+    points: dict[int, dict[str, dict[str, float]]] = {}  # r -> column -> label -> value
+    for row in rows:
+        targets = [row["policy"]] if row is not base else [x["policy"] for x in rows if x is not base]
+        if not isinstance(row["r"], int):
+            continue
+        for c in columns:
+            v = row.get(c)
+            if isinstance(v, int | float) and math.isfinite(v) and not (row is base and c.startswith("d_")):
+                for label in targets or [row["policy"]]:
+                    points.setdefault(row["r"], {}).setdefault(c, {})[tag_of(label)] = float(v)
+    for logger in loggers:
+        writer = getattr(logger, "experiment", None) if isinstance(logger, TensorBoardLogger) else None
+        for r, by_column in sorted(points.items()):
+            logger.log_metrics(
+                {f"sweep/{c}/{k}": v for c, vs in by_column.items() for k, v in vs.items()}, step=r
+            )
+        if writer is not None:
+            charts = {c: ["Multiline", [f"sweep/{re.escape(c)}/.*"]] for c in columns}
+            writer.add_custom_scalars({"sweep (metric vs r)": charts})
+            if figure is not None and figure.is_file():
+                from PIL import Image
+
+                with Image.open(figure) as img:
+                    writer.add_image("sweep/tradeoff", np.asarray(img.convert("RGB")), dataformats="HWC")
+            if table:
+                writer.add_text("sweep/table", table)
+        logger.save()
+
+
 class SweepWriter(L.Callback):
     """After ``test``, write the task's r-sweep to ``sweep.csv``, ``sweep.md`` and ``tradeoff.png`` and print the
     table (with the task's ``sweep_note`` on its intervals).
@@ -235,6 +314,7 @@ class SweepWriter(L.Callback):
         out = Path(self.out_dir) if self.out_dir else run_dir(trainer)
         note = getattr(pl_module, "sweep_note", "")
         csv_path, png_path = write_sweep(rows, out, self.metric, note)
+        log_sweep(trainer.loggers, rows, png_path, format_table(rows) + (f"\n\n{note}" if note else ""))
         print(f"\n{format_table(rows)}\n" + (f"\n{note}\n" if note else ""))
         print(f"sweep written to {csv_path}, {csv_path.with_name('sweep.md')} and {png_path}")
 
@@ -265,9 +345,32 @@ class FinalCheckpoint(L.Callback):
     are untouched; with ``save_last: link`` the link is replaced by a file); when none has ``save_last``, the
     first checkpoint callback's folder gets one. A fit that stops on an exception writes nothing here (the last
     good checkpoint is kept).
+
+    It also makes sure the final weights are validated: a fit that reaches ``max_steps`` in mid-epoch would
+    stop without validating them, so at that step it asks the trainer to stop, which runs validation first.
+    And it warns when a fit ends on ``max_epochs`` before ``max_steps`` (a config made for a larger data set).
     """
 
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step and trainer.enable_validation:
+            # Lightning validates before it stops on should_stop (not when it stops on max_steps).
+            trainer.should_stop = True
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epochs = trainer.fit_loop.epoch_progress.current.processed
+        max_epochs = trainer.max_epochs
+        if (
+            0 < trainer.global_step < trainer.max_steps
+            and max_epochs is not None
+            and 0 < max_epochs <= epochs
+        ):
+            rank_zero_warn(
+                f"the fit ended on max_epochs={max_epochs} after {trainer.global_step} of max_steps="
+                f"{trainer.max_steps} steps (the data set has fewer batches than the config expects): raise "
+                "--trainer.max_epochs (or set it to -1) to train for max_steps"
+            )
         callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
         for cb in [cb for cb in callbacks if cb.save_last] or callbacks[:1]:
             saves_last = cb.save_last

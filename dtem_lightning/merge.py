@@ -93,7 +93,7 @@ def normalize(metric: Tensor) -> Tensor:
 
 
 def hard_split_offset(num_prefix: int) -> int:
-    """Patch position of the first destination of the hard split (2.2): the patches at odd sequence index.
+    """Patch position of the first destination of the hard split (docs/design.md §3): the patches at odd sequence index.
 
     ToMe alternates over the whole sequence, prefix tokens included (even index: sources, odd: destinations),
     and protects the prefix tokens. With one prefix token (class) the destinations are patch positions
@@ -217,7 +217,7 @@ def soft_grouping(
     sim = src.to(work) @ dst.to(work).transpose(1, 2)  # [B, Na, Nb]
     cand_sim, cand = sim.topk(k, dim=-1)  # [B, Na, k]
     logits = cand_sim / tau1
-    eps = torch.finfo(torch.float32).eps  # the suppression floor of DESIGN.md 2.4
+    eps = torch.finfo(torch.float32).eps  # the suppression floor of docs/design.md §5
     total = torch.zeros_like(logits)
     for _ in range(r):
         p = F.softmax((logits / tau2).flatten(1), dim=-1).view(B, Na, k)

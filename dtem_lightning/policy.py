@@ -49,6 +49,8 @@ class MergePolicy(nn.Module):
         trace_source: keep a map from tokens to input patches (needed by :meth:`unmerge`).
     """
 
+    display_name: str | None = None  # row name in sweep tables (default: the class name)
+
     def __init__(
         self, r: int | list[int] = 0, prop_attn: PropAttn = True, trace_source: bool = False
     ) -> None:
@@ -215,6 +217,8 @@ class DTEMHard(MergePolicy):
             ``size`` (patch tokens re-sorted by size, largest first, as :class:`DTEMSoft` orders them in
             training, so the next block's alternating split pairs the same kind of tokens in both regimes).
     """
+
+    display_name = "DTEM"  # DTEMSoft too: both evaluate the same learned embedding with hard merging
 
     def __init__(
         self,

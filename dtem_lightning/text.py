@@ -226,11 +226,16 @@ def cider_d_per_image(
 
 def meteor_available() -> bool:
     """Whether METEOR can run: pycocoevalcap is installed and Java is on the PATH."""
+    return meteor_missing() is None
+
+
+def meteor_missing() -> str | None:
+    """Why METEOR cannot run here (what is missing), or None when it can."""
     try:
         import pycocoevalcap.meteor.meteor  # noqa: F401
     except ImportError:
-        return False
-    return shutil.which("java") is not None
+        return "pycocoevalcap is not installed (pip install dtem-lightning[captioning-eval])"
+    return None if shutil.which("java") else "Java is not on the PATH"
 
 
 def meteor(cands: Sequence[list[str]], refs: Sequence[list[list[str]]]) -> float:

@@ -18,7 +18,7 @@ INTERVAL_NOTE = (
     "bootstrap 95 % interval over the test samples (each run's sweep.md gives the resamples)."
 )
 
-# Published numbers (DESIGN.md section 3), accuracies as fractions like the sweeps. r is empty where the paper
+# Published numbers (docs/design.md §13), accuracies as fractions like the sweeps. r is empty where the paper
 # states no r; GFLOPs are the papers' (bias-free) figures, within 0.5 % of our convention.
 PUBLISHED: dict[str, list[dict[str, object]]] = {
     "deit_s_imagenet": [
@@ -84,7 +84,9 @@ def find_sweeps(paths: list[str]) -> list[tuple[str, Path]]:
             if label and len(files) > 1:
                 name = f"{label}/{f.parent.name}"
             found.append((name, f))
-    return found
+    names = [n for n, _ in found]
+    # Two files in one folder would share a label and mix their rows: tell them apart by file name.
+    return [(f"{n}/{f.stem}" if names.count(n) > 1 else n, f) for n, f in found]
 
 
 def _num(v: str) -> object:
@@ -159,10 +161,28 @@ def markdown(rows: list[dict[str, object]], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def check_metric(rows: list[dict[str, object]], metric: str) -> None:
+    """Refuse to plot sweeps of which some lack ``metric`` (e.g. a segmentation and a classification sweep).
+
+    Raises:
+        ValueError: a run has no ``metric`` values; the message names the run and the metrics it has.
+    """
+    for run in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == run]
+        if all(r.get(metric, "") == "" for r in mine):
+            skip = {"run", *FIXED, "d_ref"}
+            have = [c for c in mine[0] if c not in skip and not c.startswith("d_")]
+            raise ValueError(
+                f"sweep {run} has no {metric!r} column (its metrics: {', '.join(have) or 'none'}): one figure "
+                "plots one metric, so collect each task's sweeps separately or pass --metric"
+            )
+
+
 def plot(rows: list[dict[str, object]], out: Path, metric: str = "acc1") -> Path:
     """``metric`` vs GFLOPs: one line per (run, policy) of measured rows, stars for published rows, the NoMerge
     level of each run, and a panel of paired differences when the sweeps have ``d_<metric>`` intervals."""
     measured = [r for r in rows if r["run"] != "published"]
+    check_metric(measured, metric)
     many = len({r["run"] for r in measured}) > 1
     curves, baselines, differences, reference = tradeoff_series(
         measured, metric, lambda r: f"{r['run']}: {r['policy']}" if many else str(r["policy"])
@@ -193,6 +213,7 @@ def collect(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(find_sweeps(paths)) + published_rows(setting)
+    check_metric([r for r in rows if r["run"] != "published"], metric)  # before anything is written
     cols = columns(rows)
     write_csv(out / "sweep.csv", rows, cols)
     write_text(out / "sweep.md", markdown(rows, cols) + "\n")

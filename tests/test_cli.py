@@ -22,6 +22,7 @@ EXPERIMENTS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in ("debug.
 SEG_LAYOUTS = {
     "camvid_small": {s: f"{s}annot" for s in ("train", "val", "test")},
     "segmenter_s_ade20k_dtem": {f"images/{s}": f"annotations/{s}" for s in ("training", "validation")},
+    "seg_folder_example": {"images": "labels"},  # one flat set of 0/255 masks, split by ratio
 }
 
 
@@ -40,13 +41,15 @@ def seg_roots(tmp_path_factory) -> dict[str, str]:
         for img_dir, label_dir in layout.items():
             (root / img_dir).mkdir(parents=True)
             (root / label_dir).mkdir(parents=True)
-            for i in range(4):
+            binary = stem == "seg_folder_example"  # the config maps 0/255 masks: label_map {0: 0, 255: 1}
+            for i in range(
+                10 if binary else 4
+            ):  # a flat set split 80/10/10 needs >= 5 images for a val split
                 Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(
                     root / img_dir / f"{i}.jpg"
                 )
-                Image.fromarray(torch.randint(0, 12, (40, 48), generator=g).byte().numpy()).save(
-                    root / label_dir / f"{i}.png"
-                )
+                labels = torch.randint(0, 2 if binary else 12, (40, 48), generator=g) * (255 if binary else 1)
+                Image.fromarray(labels.byte().numpy()).save(root / label_dir / f"{i}.png")
         roots[stem] = str(root)
     return roots
 
@@ -116,14 +119,18 @@ def test_every_config_fits_and_tests(cfg, image_root, seg_roots, caption_roots, 
     metrics = ["miou", "pixel_acc"] if cfg.stem in SEG_LAYOUTS else ["acc1", "acc5"]
     metrics = ["bleu1", "bleu2"] if cfg.stem in CAPTION_LAYOUTS else metrics
     assert list(rows[0])[:6] == ["policy", "r", "gflops", "tokens", *metrics]
-    # The task's policy, then each test policy (in the YAML's order): NoMerge once at r = 0, any other at every
-    # r of the debug overlay's test_r.
+    # The task's policy, then each test policy (in the YAML's order) at every non-zero r of the debug overlay's
+    # test_r [0, 2, 4]; r = 0 once, as NoMerge's row (added at the end when the config lists no NoMerge).
     model = yaml.safe_load(cfg.read_text())["model"]["init_args"]
     names = [_short(model["policy"]), *map(_short, model.get("test_policies") or [])]
+    names = [{"DTEMSoft": "DTEM", "DTEMHard": "DTEM"}.get(n, n) for n in names]
+    names += [] if "NoMerge" in names else ["NoMerge"]
     swept: dict[str, list[int]] = {}
     for row in rows:
-        swept.setdefault(row["policy"].split(" (")[0], []).append(int(row["r"]))  # "DTEMHard (untrained)"
-    assert list(swept.items()) == [(n, [0] if n == "NoMerge" else [0, 2, 4]) for n in names]
+        swept.setdefault(row["policy"], []).append(int(row["r"]))  # e.g. "DTEM (trained)"
+    assert [(label.split(" (")[0], r) for label, r in swept.items()] == [
+        (n, [0] if n == "NoMerge" else [2, 4]) for n in names
+    ]
     assert (tmp_path / "debug").exists()
 
 
@@ -144,8 +151,8 @@ def test_replicate_seg_overlays_run(seg_roots, tmp_path):
     assert changed and all(k.startswith("policy.") for k in changed), sorted(changed)[:5]
     run(["test", *dtem, f"--ckpt_path={dtem_ckpt}"])
     rows = read_sweep(tmp_path / "dtem")
-    assert [r["policy"] for r in rows][:1] == ["DTEMSoft"] and "d_miou" in rows[0]
-    assert any(r["d_miou"] for r in rows if r["policy"] == "DTEMSoft")
+    assert [r["policy"] for r in rows][:1] == ["DTEM (trained)"] and "d_miou" in rows[0]
+    assert any(r["d_miou"] for r in rows if r["policy"] == "DTEM (trained)")
 
 
 def test_trainer_yaml_stacks(image_root, tmp_path):
@@ -184,9 +191,10 @@ def test_ckpt_test_command_line_wins(dtem_ckpt, image_root, tmp_path):
             f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
     run(["test", f"--ckpt_path={ckpt}", *data, "--model.init_args.test_r=[0,8]"])
     rows = read_sweep(tmp_path)
-    assert [(r["policy"], int(r["r"])) for r in rows] == [("DTEMSoft", 0), ("DTEMSoft", 8)]
-    assert float(rows[1]["gflops"]) != float(rows[0]["gflops"])
-    assert int(rows[1]["tokens"]) < int(rows[0]["tokens"])
+    # the checkpoint's own, trained policy; r = 0 is the NoMerge row
+    assert [(r["policy"], int(r["r"])) for r in rows] == [("DTEM (trained)", 8), ("NoMerge", 0)]
+    assert float(rows[0]["gflops"]) != float(rows[1]["gflops"])
+    assert int(rows[0]["tokens"]) < int(rows[1]["tokens"])
 
 
 def test_ckpt_tested_with_another_policy(dtem_ckpt, image_root, tmp_path):
@@ -199,9 +207,9 @@ def test_ckpt_tested_with_another_policy(dtem_ckpt, image_root, tmp_path):
     with pytest.warns(UserWarning, match="unused by ToMe"):
         run(args)
     rows = read_sweep(tmp_path)
-    assert [r["policy"] for r in rows] == ["ToMe"] * 3 + ["NoMerge"] + ["DTEMHard (untrained)"] * 3
-    tome = [float(r["gflops"]) for r in rows if r["policy"] == "ToMe"]
-    assert tome[0] > tome[1] > tome[2]  # strictly decreasing in r
+    assert [r["policy"] for r in rows] == ["ToMe"] * 2 + ["NoMerge"] + ["DTEM (untrained)"] * 2
+    gflops = [float(r["gflops"]) for r in rows if r["policy"] in ("ToMe", "NoMerge")]
+    assert gflops[2] > gflops[0] > gflops[1]  # NoMerge (r = 0), then strictly decreasing in r
 
 
 def test_modular_fit_leaves_backbone_bit_identical(image_root, tmp_path):

@@ -55,7 +55,7 @@ def _analytic_macs(policy: ToMe, C: int, embed_dim: int = 0, classes: int = 1000
     return total
 
 
-# Section 4 of DESIGN.md (bias adds included).
+# The reference figures of docs/flops.md (docs/design.md §10; bias adds included).
 FIGURES = [
     ("tome", 0, 4.61),
     ("tome", 8, 3.42),

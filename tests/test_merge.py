@@ -9,7 +9,7 @@ from dtem_lightning import merge as M
 
 
 def reference_tome(x, size, metric, r, num_prefix):
-    """Loop-per-image reference of the ToMe rule written from its description (DESIGN.md 2.2).
+    """Loop-per-image reference of the ToMe rule written from its description (docs/design.md §3).
 
     ToMe alternates over the whole sequence: tokens at even sequence index are sources, at odd index
     destinations; prefix tokens (class, distillation) never merge. Unmerged sources keep their original order.
@@ -139,8 +139,8 @@ def _separated_embedding(n_src=8, n_dst=9, dim=24, seed=0):
 def test_soft_grouping_reduces_to_hard_matching(seed):
     src, dst = _separated_embedding(seed=seed)
     r = 4
-    # Hard rule (2.2) on the same embedding, in the interleaved layout the matcher expects: one prefix token,
-    # destinations at odd sequence index (1, 3, ..., 17), sources at even index (2, 4, ..., 16).
+    # Hard rule (docs/design.md §3) on the same embedding, in the interleaved layout the matcher expects: one
+    # prefix token, destinations at odd sequence index (1, 3, ..., 17), sources at even index (2, 4, ..., 16).
     tokens = torch.zeros(1, 18, src.shape[-1])
     tokens[:, 1::2], tokens[:, 2::2] = dst, src
     merge, _ = M.bipartite_matching(tokens, r, 1)
@@ -192,7 +192,7 @@ def test_patch_groups_from_source_map():
 
 
 def reference_tome_vit(vit, images, r):
-    """Whole-model ToMe forward written from DESIGN.md 2.1/2.2: eager attention with a log(size) bias per key,
+    """Whole-model ToMe forward written from docs/design.md §2/§3: eager attention with a log(size) bias per key,
     keys averaged over heads as the metric, :func:`reference_tome` after attention, the timm head."""
     P = vit.num_prefix_tokens
     x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))

@@ -149,9 +149,10 @@ def test_mae_config_runs_with_debug_overlay(name, image_tree, tmp_path):
     (sweep,) = tmp_path.rglob("sweep.csv")
     with sweep.open() as f:
         rows = [(r["policy"], r["r"]) for r in csv.DictReader(f)]
-    own = [("DTEMSoft (untrained)", r) for r in ("0", "2", "4")]  # tested without a checkpoint
-    assert rows == [*own, ("NoMerge", "0"), *[("ToMe", r) for _, r in own],
-                    *[("DTEMHard (untrained)", r) for _, r in own]]  # fmt: skip
+    own = [("DTEM (untrained)", r) for r in ("2", "4")]  # tested without a checkpoint; r = 0 is NoMerge's row
+    control = rows[-1][0]  # the DTEMHard control: told apart from the untrained main policy by its label
+    assert control.startswith("DTEM (untrained") and control != own[0][0]
+    assert rows == [*own, ("NoMerge", "0"), *[("ToMe", r) for _, r in own], *[(control, r) for _, r in own]]
     cli = DTEMCLI(BaseTask, BaseDataModule, subclass_mode_model=True, subclass_mode_data=True,
                   auto_configure_optimizers=False, args=args[1:], run=False)  # fmt: skip
     tome = next(p for p in cli.model.test_policies if type(p).__name__ == "ToMe")

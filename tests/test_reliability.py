@@ -347,7 +347,7 @@ def test_non_finite_weights_are_refused_in_test(tmp_path):
 
 def test_untrained_learnable_policy_is_labelled_untrained(tmp_path):
     """Without trained policy weights (no ckpt_path, no init_from, no fit) the task's own DTEM row is
-    "DTEMSoft (untrained)"; a checkpoint with its weights or a fit makes it "DTEMSoft"."""
+    "DTEM (untrained)"; a checkpoint with its weights or a fit makes it "DTEM (trained)"."""
     from dtem_lightning import DTEMSoft, ToMe
     from dtem_lightning.tasks import ClassificationTask
 
@@ -355,20 +355,20 @@ def test_untrained_learnable_policy_is_labelled_untrained(tmp_path):
         return task.policies()[0][0]
 
     task = ClassificationTask(policy=DTEMSoft(r=2), **TINY)
-    assert label(task) == "DTEMSoft (untrained)"
+    assert label(task) == "DTEM (untrained)"
     assert label(ClassificationTask(policy=ToMe(r=2), **TINY)) == "ToMe"  # nothing to train
     _trainer().test(task, _tiny_loader(), verbose=False)
-    assert [row["policy"] for row in task.sweep_results] == ["DTEMSoft (untrained)"]
+    assert [row["policy"] for row in task.sweep_results] == ["DTEM (untrained)"]
     state = task.state_dict()
     task.on_load_checkpoint({"state_dict": dict(state)})
-    assert label(task) == "DTEMSoft"
+    assert label(task) == "DTEM (trained)"
     with pytest.warns(UserWarning, match="no weights for DTEMSoft"):
         task.on_load_checkpoint(
             {"state_dict": {k: v for k, v in state.items() if not k.startswith("policy.")}}
         )
-    assert label(task) == "DTEMSoft (untrained)"
+    assert label(task) == "DTEM (untrained)"
     _trainer(max_steps=1).fit(task, _tiny_loader())
-    assert label(task) == "DTEMSoft"
+    assert label(task) == "DTEM (trained)"
 
 
 @pytest.mark.parametrize(

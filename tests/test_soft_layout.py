@@ -1,4 +1,4 @@
-"""DTEM's soft training step against an independent float64 reference of the published step (DESIGN.md §2.4).
+"""DTEM's soft training step against an independent float64 reference of the published step (docs/design.md §5, §6).
 
 The reference below is written from the design text, per image and with Python loops, sharing no code with
 ``dtem_lightning.merge`` or the policies: whole-model soft logits and the embedding gradients must agree.
@@ -65,7 +65,7 @@ def ref_soft_step(x, size, emb, n, r, num_prefix, layout, k=3, tau1=0.1, tau2=0.
 
 
 def ref_forward(vit, embed, images, schedule, layout, tau2=0.1):
-    """Whole-model soft forward (DESIGN.md §2.1 and §2.4): class-token logits."""
+    """Whole-model soft forward (docs/design.md §2 and §5): class-token logits."""
     x = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
     B, N, C = x.shape
     P = vit.num_prefix_tokens
@@ -118,7 +118,7 @@ def test_soft_step_matches_independent_reference(layout, prefix, tau2):
     assert scale > 1e-3, "the embeddings got no gradient: the comparison would be empty"
     for i, (g, h) in enumerate(zip(got_grads, ref_grads, strict=True)):
         assert (g - h).abs().max() <= 1e-9 * max(1.0, float(scale)), (i, (g - h).abs().max())
-    # DESIGN.md §2.7: the last block's merge cannot reach the class token, so its embedding gets no gradient.
+    # docs/design.md §8: the last block's merge cannot reach the class token, so its embedding gets no gradient.
     assert got_grads[-1].abs().max() == 0 and got_grads[-2].abs().max() == 0
 
 

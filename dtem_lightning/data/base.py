@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import lightning as L
 import timm
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
 from timm.data.auto_augment import RandAugment
@@ -15,7 +16,12 @@ from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from dtem_lightning.data.sampling import ResumableSampler, SeededDataset, samples_done_this_epoch
+from dtem_lightning.data.sampling import (
+    ResumableDataLoader,
+    ResumableSampler,
+    SeededDataset,
+    samples_done_this_epoch,
+)
 
 TINY_SIZE = 64  # at or below this side length images are resized, never randomly cropped from a large canvas
 TRAIN_TRANSFORMS = ("deit", "simple")
@@ -77,6 +83,7 @@ class BaseDataModule(L.LightningDataModule):
 
     num_classes: int
     collate_fn: Callable | None = None  # batch assembly of the loaders (None: PyTorch's default collate)
+    _announced: ClassVar[set[str]] = set()  # data lines this process printed (setup runs once per stage)
 
     def __init__(
         self,
@@ -112,6 +119,45 @@ class BaseDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+
+    def announce(
+        self,
+        sizes: Mapping[str, int | str],
+        classes: int | None = None,
+        root: str | None = None,
+        **extra: object,
+    ) -> str:
+        """Print ``data: <Class> root=... train=N val=N test=N classes=K`` once per process, on rank zero.
+
+        A plain ``print`` (Lightning's ``rank_zero_info`` goes through logging, which the CLI does not show); the
+        same line is printed once per process however often ``setup`` runs.
+
+        Args:
+            sizes: samples per split built by this ``setup`` (a string for a note such as ``"= val"``).
+            classes: number of classes, where it applies.
+            root: data location; default: the module's ``root`` attribute.
+            **extra: more ``key=value`` fields, in order (e.g. ``vocab=812``).
+
+        Returns:
+            The line (printed or not).
+        """
+        root = root if root is not None else getattr(self, "root", None)
+        fields = [f"data: {type(self).__name__}"]
+        fields += [f"root={root}"] if root is not None else []
+        fields += [f"{k}={v}" for k, v in sizes.items()]
+        fields += [f"classes={classes}"] if classes is not None else []
+        fields += [f"{k}={v}" for k, v in extra.items()]
+        line = " ".join(fields)
+        self.note(line)
+        return line
+
+    @staticmethod
+    def note(line: str) -> None:
+        """Print one line about the data once per process, on rank zero only (e.g. a split that stands in for
+        another)."""
+        if rank_zero_only.rank == 0 and line not in BaseDataModule._announced:
+            BaseDataModule._announced.add(line)
+            print(line, flush=True)
 
     @property
     def input_size(self) -> tuple[int, int, int]:
@@ -182,12 +228,15 @@ class BaseDataModule(L.LightningDataModule):
             raise RuntimeError(
                 f"{type(self).__name__} has no {split} dataset; call setup() for that stage first"
             )
-        sampler = None
+        sampler, loader_cls = None, DataLoader
         if train:
             # Resumable, per-sample-seeded order: an interrupted fit resumes mid-epoch on the same batches.
+            # ResumableDataLoader: workers take their first indices only once Lightning has set the epoch and
+            # restored the batch progress, so the skip is right with num_workers > 0 too.
             sampler = ResumableSampler(dataset, skip_fn=self._samples_done_this_epoch)
+            loader_cls = ResumableDataLoader
             dataset = SeededDataset(dataset)
-        return DataLoader(
+        return loader_cls(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
+from dtem_lightning.data.checks import check_images
 from dtem_lightning.data.folder import ImageTree
 from dtem_lightning.text import Vocabulary
 
@@ -68,12 +69,37 @@ def split_by_name(samples: list[Sample], fractions: tuple[float, float]) -> dict
     }
 
 
+def image_key(name: str) -> str:
+    """The file name of an image (its last path part), by which splits are compared."""
+    return posixpath.basename(name.replace(os.sep, "/"))
+
+
+def check_disjoint(splits: dict[str, list[Sample]], owner: str) -> None:
+    """Refuse an image (compared by file name) that is in two splits; a split that *is* another (test = val)
+    is not compared with it.
+
+    Raises:
+        ValueError: one line naming the split pair, how many images they share and one of them.
+    """
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        if a not in splits or b not in splits or splits[a] is splits[b]:
+            continue
+        shared = sorted({image_key(n) for n, _ in splits[a]} & {image_key(n) for n, _ in splits[b]})
+        if shared:
+            raise ValueError(
+                f"{owner}: the {a} and {b} splits share {len(shared)} image(s) by file name (e.g. {shared[0]}); "
+                f"an image must be in one split only: check the annotation files of the two splits"
+            )
+
+
 class CaptionDataModule(BaseDataModule):
     """Base of the caption data modules: splits, vocabulary, transforms, batches ``(images, captions)``.
 
     Subclasses implement :meth:`read_splits`. Annotations are read at construction, so the vocabulary (built
     from the train captions) and ``vocab_size`` exist before ``setup``, for the CLI link to the task.
     Batches are ``(images [B, 3, H, W], captions)`` with every reference caption of each image.
+    An image (compared by file name) in two splits is refused at construction, and the first image of every
+    split must exist; ``setup`` prints one line with root, split sizes and vocabulary size.
 
     Args:
         root: data location (folder or zip archive; see the subclass).
@@ -108,6 +134,7 @@ class CaptionDataModule(BaseDataModule):
         pin_memory: bool | None = None,
     ) -> None:
         super().__init__(batch_size, num_workers, backbone, img_size, crop_pct, pin_memory)
+        self.save_hyperparameters()  # stored in checkpoints: examples and tests rebuild the same splits
         if train_transform not in (*TRAIN_TRANSFORMS, "eval"):
             raise ValueError(
                 f"train_transform must be one of {(*TRAIN_TRANSFORMS, 'eval')}, got {train_transform!r}"
@@ -124,16 +151,27 @@ class CaptionDataModule(BaseDataModule):
             if name not in splits and name != "test":
                 raise ValueError(f"{type(self).__name__} found no {name} split in {root}")
         splits.setdefault("test", splits["val"])
+        self.test_is_val = splits["test"] is splits["val"]  # one evaluation set serving both stages
+        check_disjoint(splits, type(self).__name__)
         self.samples = {k: self._limit(v) for k, v in splits.items()}
         for name, samples in self.samples.items():
             if not samples:
                 raise ValueError(f"the {name} split of {root} is empty")
+            first = samples[0][0]
+            if not self.tree.exists(first):  # a wrong image folder fails here, not at the first batch
+                raise FileNotFoundError(
+                    f"image {self.tree.display(first)} of the {name} split not found{self.image_hint(name)}"
+                )
         self.vocab = Vocabulary.build((c for _, caps in splits["train"] for c in caps), min_freq)
         self.vocab_size = len(self.vocab)
 
     def read_splits(self) -> dict[str, list[Sample]]:
         """(image name, captions) per split name (``train``, ``val`` and optionally ``test``)."""
         raise NotImplementedError
+
+    def image_hint(self, split: str) -> str:
+        """Advice appended to the error for a missing image of ``split`` (which setting names its folder)."""
+        return ""
 
     def _limit(self, samples: list[Sample]) -> list[Sample]:
         k = self.max_per_class
@@ -160,9 +198,15 @@ class CaptionDataModule(BaseDataModule):
                 self.tree, self.samples["train"], self.transform(self.train_transform)
             )
         if stage in (None, "fit", "validate"):
+            check_images(self.tree, [name for name, _ in self.samples["val"]], "val")  # before any epoch
             self.val_dataset = CaptionDataset(self.tree, self.samples["val"], self.transform("eval"))
         if stage in (None, "test", "predict"):
+            check_images(self.tree, [name for name, _ in self.samples["test"]], "test")  # before the sweep
             self.test_dataset = CaptionDataset(self.tree, self.samples["test"], self.transform("eval"))
+        sizes: dict[str, int | str] = {k: len(self.samples[k]) for k in SPLITS}
+        if self.test_is_val:
+            sizes["test"] = f"{sizes['test']}(=val)"
+        self.announce(sizes, vocab=self.vocab_size)
 
 
 class Flickr8kDataModule(CaptionDataModule):
@@ -198,18 +242,35 @@ class Flickr8kDataModule(CaptionDataModule):
 class CocoCaptionDataModule(CaptionDataModule):
     """COCO-format caption JSON (``images`` + ``annotations``) or the Karpathy split JSON, over image folders.
 
-    Karpathy JSON (``dataset_coco.json``: ``images[*].filepath/filename/split/sentences``): its train + restval,
-    val and test splits; images at ``root/<filepath>/<filename>``. COCO JSON (``captions_train2017.json``):
-    ``ann_file`` gives train, ``val_ann_file`` val and test; images at ``root/<image_dir>/<file_name>``.
-    Without ``val_ann_file`` the images of ``ann_file`` are split by sorted file name (``split``).
-    Files may be gzipped (``.json.gz``); paths are relative to ``root``.
+    Three ways to give the data (paths relative to ``root``; files may be gzipped, ``.json.gz``):
+
+    - **One COCO-format JSON holding every image** (``{"images": [{"id", "file_name"}], "annotations":
+      [{"image_id", "caption"}]}``): set ``val_ann_file: null``. Its images are then split deterministically by
+      sorted file name: the first ``split[0]`` (default 80 %) train, the next ``split[1]`` (10 %) val, the rest
+      test; images at ``root/<image_dir>/<file_name>``. E.g. ``root/captions.json`` + ``root/images/``:
+      ``--data=CocoCaptionDataModule --data.root=ROOT --data.ann_file=captions.json --data.val_ann_file=null
+      --data.image_dir=images``.
+    - **Two COCO JSONs** (the default, ``annotations/captions_{train,val}2017.json``): ``ann_file`` is train,
+      ``val_ann_file`` serves both val and test (the COCO test captions are not public); images at
+      ``root/<image_dir>/<file_name>`` and ``root/<val_image_dir>/<file_name>``.
+    - **Karpathy split JSON** (``dataset_coco.json``: ``images[*].filepath/filename/split/sentences``) as
+      ``ann_file``: its train + restval, val and test splits; images at ``root/<filepath>/<filename>``;
+      ``val_ann_file`` and the image folders are not used.
+
+    Whatever the source, an image whose file name is in two splits (e.g. an ``ann_file`` that also lists the
+    val images) is refused, so a default file that happens to exist never puts evaluation images into training.
 
     Args:
-        ann_file: Karpathy JSON, or COCO JSON of the train images.
-        val_ann_file: COCO JSON of the val/test images (ignored for Karpathy JSON).
+        ann_file: Karpathy JSON, or COCO JSON of the train images (of every image when ``val_ann_file`` is null).
+        val_ann_file: COCO JSON of the val/test images; null: split the images of ``ann_file`` by sorted file
+            name (``split``) into train, val and test.
         image_dir: image folder of ``ann_file`` (COCO JSON), e.g. ``train2017``.
         val_image_dir: image folder of ``val_ann_file``, e.g. ``val2017``.
         **kwargs: see :class:`CaptionDataModule` (``root`` included).
+
+    Raises:
+        FileNotFoundError: a JSON file, or the first image of a split, is not found.
+        ValueError: an image is in two splits, or a split is empty.
     """
 
     def __init__(
@@ -225,15 +286,23 @@ class CocoCaptionDataModule(CaptionDataModule):
         self.image_dir, self.val_image_dir = image_dir, val_image_dir
         super().__init__(root, **kwargs)
 
-    def _load(self, name: str) -> dict[str, Any]:
+    def _load(self, name: str, hint: str = "") -> dict[str, Any]:
         try:
             return json.loads(self.read_text(name))
         except (FileNotFoundError, KeyError) as err:
-            raise FileNotFoundError(f"caption file {name} not found under {self.root}") from err
+            raise FileNotFoundError(f"caption file {name} not found under {self.root}{hint}") from err
+
+    def image_hint(self, split: str) -> str:
+        if self._karpathy:
+            return " (Karpathy JSON: images are at root/<filepath>/<filename>)"
+        if split == "train" or self.val_ann_file is None:
+            return f" (image_dir={self.image_dir!r} is the folder of ann_file's images, relative to root)"
+        return f" (val_image_dir={self.val_image_dir!r} is the folder of val_ann_file's images, relative to root)"
 
     def read_splits(self) -> dict[str, list[Sample]]:
         data = self._load(self.ann_file)
-        if data.get("images") and "sentences" in data["images"][0]:  # Karpathy split JSON
+        self._karpathy = bool(data.get("images")) and "sentences" in data["images"][0]
+        if self._karpathy:  # Karpathy split JSON
             out: dict[str, list[Sample]] = {s: [] for s in SPLITS}
             for im in data["images"]:
                 split = "train" if im["split"] == "restval" else im["split"]
@@ -243,7 +312,8 @@ class CocoCaptionDataModule(CaptionDataModule):
         train = self._coco(data, self.image_dir)
         if self.val_ann_file is None:
             return split_by_name(train, self.split)
-        val = self._coco(self._load(self.val_ann_file), self.val_image_dir)
+        hint = " (for one JSON holding every image set val_ann_file: null: it is then split by file name)"
+        val = self._coco(self._load(self.val_ann_file, hint), self.val_image_dir)
         return {"train": train, "val": val, "test": val}
 
     def _coco(self, data: dict[str, Any], image_dir: str) -> list[Sample]:

@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
+from dtem_lightning.data.checks import check_images
 from dtem_lightning.data.store import DataRoot
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -164,20 +165,31 @@ class ImageFileDataset(Dataset):
 
 
 class ImageFolderDataModule(BaseDataModule):
-    """Classification on ImageNet-style class folders.
+    """Classification on ImageNet-style class folders: ``root/{train,val,test}/<class>/**/<image>``.
 
-    ``root/train/<class>/**/<image>`` plus ``root/val/...`` and/or ``root/test/...``; when only one of ``val`` and
-    ``test`` exists it serves both stages. ``root`` may also be a zip archive holding that tree (read in place, e.g.
-    the CIFAR-10 JPEG subset). Classes are the sorted train folder names. The folder structure is checked at
+    Split folders: ``train/`` (required; its sorted sub-folder names are the classes), ``val/`` (validation during
+    fit) and ``test/`` (``dtem test``); at least one of ``val/`` and ``test/`` must exist. When one of them is
+    missing the other serves both stages, and ``setup`` prints one line saying so (``no test/ folder: test uses
+    val/``). ``val/`` and ``test/`` must hold the same class folders as ``train/``. ``root`` may also be a zip
+    archive holding that tree (read in place, e.g. the CIFAR-10 JPEG subset). The folder structure is checked at
     construction (so ``num_classes`` is known before ``setup``, for the CLI link to the task); image files are
-    listed in ``setup`` for the splits the stage needs.
+    listed in ``setup`` for the splits the stage needs, and ``setup`` prints one line with root, split sizes and
+    classes.
+
+    To run on a fraction of the data set ``max_per_class`` (e.g. ``--data.init_args.max_per_class=20``: 20 images
+    of every class in every split), not ``--trainer.limit_*_batches``: files are listed class by class, so a
+    batch limit on the (unshuffled) val/test loaders evaluates only the first classes, and a limit of ``1`` means
+    one batch while ``1.0`` means 100 %.
 
     Args:
-        root: tree folder or zip archive.
+        root: folder or zip archive with ``train/<class>/<image>`` (its class folders are the classes), ``val/``
+            and optional ``test/`` (the same class folders); when one of ``val/``, ``test/`` is missing the other
+            serves both stages, said in one line at setup.
         train_transform: ``deit`` (RandAugment, random erasing, as in DeiT) or ``simple`` (crop/resize + flip).
         skip_corrupt: replace unreadable images by readable ones with a warning instead of raising.
         max_per_class: keep at most this many images per class and split, evenly spaced in name order
-            (deterministic; for quick runs).
+            (deterministic). Use it, not ``--trainer.limit_*_batches``, to run on a fraction of the data: files are
+            listed class by class, so a batch limit evaluates only the first classes (and ``1`` is one batch).
         batch_size: see ``BaseDataModule``.
         num_workers: see ``BaseDataModule``.
         backbone: see ``BaseDataModule``.
@@ -267,15 +279,31 @@ class ImageFolderDataModule(BaseDataModule):
             )
         if empty:
             raise ValueError(f"class folders without images: {', '.join(empty)}")
+        if not train:  # evaluation splits in full before any epoch (a training split is read as it goes)
+            bad = set(
+                check_images(
+                    self.tree, [f for f, _ in samples], split, self.tree.display, not self.skip_corrupt
+                )
+            )
+            samples = [s for s in samples if s[0] not in bad]
         tf = self.transform(self.train_transform if train else "eval")
         self._datasets[key] = ImageFileDataset(self.tree, samples, tf, self.skip_corrupt)
         return self._datasets[key]
 
     def setup(self, stage: str | None = None) -> None:
         """List the images of the splits ``stage`` needs (all splits when None) and build their datasets."""
+        sizes: dict[str, int] = {}
         if stage in (None, "fit"):
             self.train_dataset = self._dataset("train", train=True)
+            sizes["train"] = len(self.train_dataset)
         if stage in (None, "fit", "validate"):
             self.val_dataset = self._dataset(self.val_split, train=False)
+            sizes["val"] = len(self.val_dataset)
         if stage in (None, "test", "predict"):
             self.test_dataset = self._dataset(self.test_split, train=False)
+            sizes["test"] = len(self.test_dataset)
+        self.announce(sizes, self.num_classes)
+        # said at every stage: a fit validating on test/ matters as much as a test on val/
+        for split, used in (("val", self.val_split), ("test", self.test_split)):
+            if used != split:
+                self.note(f"data: no {split}/ folder in {self.root}: {split} uses {used}/")

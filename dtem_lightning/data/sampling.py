@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
 def _global_seed() -> int:
@@ -22,6 +22,10 @@ class ResumableSampler(DistributedSampler):
 
     Yields ``(index, sample_seed)`` pairs for :class:`SeededDataset`. Shards across DDP processes itself (Lightning
     leaves a ``DistributedSampler`` alone); in one process it is a plain seeded shuffle.
+
+    The epoch and the skip count are read when the first index is drawn, so that must happen once Lightning has
+    called ``set_epoch`` and settled the resumed batch progress: with loader workers, load through
+    :class:`ResumableDataLoader`, which defers the workers' first indices to the first batch request.
 
     Args:
         dataset: the training dataset.
@@ -80,8 +84,47 @@ class SeededDataset(Dataset):
         return getattr(self.base, name)
 
 
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose workers get their first indices at the first batch request, not at ``iter()``.
+
+    With workers, ``iter(DataLoader)`` at once hands ``prefetch_factor * num_workers`` batches of indices to the
+    workers, which fixes the sampler's epoch and skip count then. Lightning creates the training iterator in
+    ``FitLoop.setup_data``: before ``set_epoch``, before its epoch loop settles a resumed batch progress, and even
+    before the checkpoint's loops are loaded when ``configure_optimizers`` asks for
+    ``trainer.estimated_stepping_batches``; :class:`ResumableSampler` would start from the wrong epoch or position.
+    Started at the first ``next()`` instead, the order is fixed at the same moment as with ``num_workers=0`` (where
+    the sampler is lazy anyway). Persistent workers are kept: a deferred start is the same ``DataLoader.__iter__``
+    call, made later (it resets the persistent iterator).
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.num_workers == 0:
+            return super().__iter__()  # single-process iterators draw no index before the first next()
+        return _StartOnFirstNext(self)
+
+
+class _StartOnFirstNext(Iterator[Any]):
+    """Iterator of a :class:`ResumableDataLoader` that creates (or resets) the loader's real one on first use."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self._loader = loader
+        self._iterator: Iterator[Any] | None = None
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = DataLoader.__iter__(self._loader)  # the sampler's order is fixed here
+        return next(self._iterator)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+
 def samples_done_this_epoch(trainer: L.Trainer | None, batch_size: int) -> int:
-    """Training samples this process already consumed in the current epoch (non-zero after a resume)."""
+    """Training samples this process already consumed in the current epoch (non-zero after a resume).
+
+    Exact only from the first batch request of the epoch on: when Lightning creates the training iterator, the
+    epoch loop has not yet reset the resumed batch progress (see :class:`ResumableDataLoader`).
+    """
     if trainer is None or not trainer.training:
         return 0
     return trainer.fit_loop.epoch_loop.batch_progress.current.completed * batch_size

@@ -35,6 +35,7 @@ class DataRoot:
         self._zip: zipfile.ZipFile | None = None
         self._zip_pid = -1
         self._members: list[str] | None = None
+        self._member_set: set[str] | None = None
 
     def members(self) -> list[str]:
         """Zip member names (files only, macOS metadata skipped), listed once."""
@@ -44,6 +45,14 @@ class DataRoot:
                     n for n in zf.namelist() if not n.startswith("__MACOSX/") and not n.endswith("/")
                 ]
         return self._members
+
+    def exists(self, name: str) -> bool:
+        """Whether a file (path) or member (zip) exists."""
+        if not self.is_zip:
+            return os.path.isfile(name)
+        if self._member_set is None:
+            self._member_set = set(self.members())
+        return name in self._member_set
 
     def read_bytes(self, name: str) -> bytes:
         """The bytes of one file (path) or member (zip)."""

@@ -62,3 +62,7 @@ class SyntheticDataModule(BaseDataModule):
         self.train_dataset = self._split(0)
         self.val_dataset = self._split(1)
         self.test_dataset = self._split(2)
+        n = self.num_samples
+        self.announce(
+            {"train": n, "val": n, "test": n}, self.num_classes, root="none (generated)", seed=self.seed
+        )

@@ -26,6 +26,7 @@ from torchmetrics import MetricCollection
 
 from dtem_lightning import flops, stats
 from dtem_lightning import merge as M
+from dtem_lightning.io import write_csv
 from dtem_lightning.patch import MergeBlock, apply_policy, num_tokens, use_policy
 from dtem_lightning.policy import MergePolicy, NoMerge
 
@@ -72,7 +73,10 @@ def _stored_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
 
         with safe_open(str(path), "pt") as f:
             return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from dtem_lightning.io import load_weights_only
+
+    # Mapped, not read, where the format allows it (a legacy-format file is read: mmap would refuse it).
+    state = load_weights_only(path, "checkpoint_path", mmap=True)
     state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
     tensor = state.get(key)
     return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
@@ -105,10 +109,48 @@ def _weights_only_copy(path: str | Path) -> Path:
 
 
 def policy_label(policy: MergePolicy, trained: bool) -> str:
-    """Row name of a policy in sweep tables: its class, marked "(untrained)" for a fresh learnable one."""
-    name = type(policy).__name__
-    has_params = any(True for _ in policy.parameters())
-    return f"{name} (untrained)" if has_params and not trained else name
+    """Row name of a policy in sweep tables: its display name (``DTEM`` for DTEMSoft and DTEMHard, else the class
+    name), marked "(trained)" or "(untrained)" when it has parameters."""
+    name = type(policy).display_name or type(policy).__name__
+    if not any(True for _ in policy.parameters()):
+        return name
+    return f"{name} ({'trained' if trained else 'untrained'})"
+
+
+def distinct_labels(labels: list[str], policies: list[MergePolicy]) -> list[str]:
+    """``labels`` made unique: a repeated label gets the init arguments in which its policy differs from the first
+    policy of that label (``ToMe (prop_attn=False)``), else a running number (``DTEM (untrained #2)``)."""
+
+    def args(p: MergePolicy) -> dict[str, Any]:
+        config = policy_config(p)
+        return dict(config[1]) if config else {}
+
+    out: list[str] = []
+    for j, (label, p) in enumerate(zip(labels, policies)):
+        first = labels.index(label)
+        if first == j:
+            out.append(label)
+            continue
+        mine, theirs = args(p), args(policies[first])
+        extras = [", ".join(f"{k}={v}" for k, v in mine.items() if k in theirs and theirs[k] != v)]
+        extras.append(f"#{labels[: j + 1].count(label)}")
+        for extra in filter(None, extras):
+            sep = " " if extra.startswith("#") else ", "
+            name = f"{label[:-1]}{sep}{extra})" if label.endswith(")") else f"{label} ({extra})"
+            if name not in out:
+                break
+        out.append(name)
+    return out
+
+
+def source_names(dataset: Any) -> list[str]:
+    """Image names of a dataset's samples in index order, as the dataset stores them (``samples`` of (name, ...)
+    or ``pairs`` of (image, label) names); [] when it does not list them."""
+    items = getattr(dataset, "samples", None) or getattr(dataset, "pairs", None) or []
+    try:
+        return [str(item[0]) for item in items]
+    except (TypeError, IndexError):
+        return []
 
 
 def policy_config(policy: MergePolicy) -> tuple[type, tuple[tuple[str, Any], ...]] | None:
@@ -132,7 +174,9 @@ class BaseTask(L.LightningModule):
         backbone: timm model name of the ViT.
         policy: merge policy applied to the backbone (NoMerge when omitted).
         pretrained: load the timm hub weights (needs network access).
-        checkpoint_path: local weights file (timm/PyTorch state dict or safetensors) for the backbone.
+        checkpoint_path: local weights file (timm/PyTorch state dict or safetensors) for the backbone, loaded
+            with ``weights_only=True`` (never pickled code unless ``trust_checkpoint``). Taken from a ``--ckpt_path``
+            checkpoint's hyper-parameters only when it is such a plain weights file (``docs/reliability.md``).
         backbone_kwargs: extra arguments of ``timm.create_model`` (e.g. depth, drop_path_rate).
         img_size: input size (linked from the data module); None keeps the backbone's.
         freeze_backbone: the older spelling of the modular regime: freezes the timm model (for classification
@@ -159,7 +203,8 @@ class BaseTask(L.LightningModule):
             same rows twice: it is dropped with a warning. A DTEMHard control next to a DTEM policy is kept:
             it is the untrained control.
         trust_checkpoint: allow a ``checkpoint_path`` file that needs arbitrary pickled code to load (only
-            for files you trust); by default such a file is refused.
+            for files you trust); by default such a file is refused. Set it on the command line or in a config:
+            the ``dtem`` CLI never takes it from a checkpoint's hyper-parameters.
         interval_reference: row label (``policies()``) each sweep row is compared with at the same r: the
             ``d_<metric>`` columns hold the difference of the main metric and its paired bootstrap 95 %
             interval over the test samples. A policy swept once (NoMerge) is the reference of every r. None:
@@ -218,6 +263,10 @@ class BaseTask(L.LightningModule):
         use_policy(self.backbone, self.policy)
         # The policy's own r, schedule included: ToMe(r=[8, 4, 0, 0]) is swept as that schedule.
         self.test_r = [self._check_r(r) for r in (test_r if test_r is not None else [self.policy.r])]
+        no_merge = [p for p in (self.policy, *self.test_policies) if isinstance(p, NoMerge)]
+        if not no_merge and not all(any(M.r_schedule(r, self.policy.depth)) for r in self.test_r):
+            self.test_policies.append(NoMerge())  # the r = 0 row (see sweep)
+            self.test_policies[-1].bind(self.backbone)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
         self.sweep_results: list[dict[str, Any]] = []
@@ -272,11 +321,13 @@ class BaseTask(L.LightningModule):
                 raise FileNotFoundError(f"checkpoint_path {path!r} does not exist")
             try:
                 rows = _head_rows(path)
-            except pickle.UnpicklingError as e:
+            except (
+                pickle.UnpicklingError
+            ) as e:  # io.PickledCodeError: a readable file that needs pickled code
                 if not self.hparams.trust_checkpoint:
                     raise ValueError(
-                        f"refusing to load {path}: it needs arbitrary pickled code, not just tensors. If you trust "
-                        "the file, set --model.init_args.trust_checkpoint=true (or re-save it as safetensors)"
+                        f"{e}. If you trust the file, set --model.init_args.trust_checkpoint=true (command line or "
+                        "config; never taken from a checkpoint), or re-save it as safetensors"
                     ) from e
                 path = _weights_only_copy(path)
                 rows = _head_rows(path)
@@ -341,17 +392,26 @@ class BaseTask(L.LightningModule):
         self.print(f"note: {dropped}: a new head is trained")
 
     def policies(self) -> list[tuple[str, MergePolicy]]:
-        """(label, policy) pairs evaluated by the test loop: the task's own policy first, marked "(untrained)"
-        when it has parameters that neither a checkpoint (``ckpt_path``, ``init_from``) nor a fit trained."""
-        pairs = [(policy_label(self.policy, trained=self._policy_trained), self.policy)]
-        return pairs + [(policy_label(p, trained=False), p) for p in self.test_policies]
+        """(label, policy) pairs evaluated by the test loop: the task's own policy first, "(trained)" when a
+        checkpoint (``ckpt_path``, ``init_from``) or a fit trained its parameters, test policies with parameters
+        "(untrained)" (controls); repeated labels are told apart (:func:`distinct_labels`)."""
+        policies = [self.policy, *self.test_policies]
+        labels = [policy_label(self.policy, trained=self._policy_trained)]
+        labels += [policy_label(p, trained=False) for p in self.test_policies]
+        return list(zip(distinct_labels(labels, policies), policies))
 
     def sweep(self) -> list[tuple[int, str, MergePolicy, int | list[int]]]:
-        """(index, label, policy, r) of every test-loop evaluation (r: constant or schedule); NoMerge once."""
+        """(index, label, policy, r) of every test-loop evaluation (r: constant or schedule).
+
+        r = 0 is NoMerge whatever the policy (bit-identical), so it is one row: NoMerge's (added to the
+        test policies when ``test_r`` holds a zero rate and no NoMerge is listed).
+        """
         out = []
         for i, (label, p) in enumerate(self.policies()):
-            for r in [0] if isinstance(p, NoMerge) else self.test_r:
-                out.append((i, label, p, r))
+            if isinstance(p, NoMerge):
+                out.append((i, label, p, 0))
+                continue
+            out += [(i, label, p, r) for r in self.test_r if any(M.r_schedule(r, p.depth))]
         return out
 
     @staticmethod
@@ -591,6 +651,48 @@ class BaseTask(L.LightningModule):
     def on_predict_start(self) -> None:
         self.check_new_head("predict")
         self.check_finite_weights()
+        names = source_names(getattr(self._predict_loader(), "dataset", None))
+        root = getattr(getattr(self.trainer, "datamodule", None), "root", None)
+        if root is not None and Path(root).is_dir():  # names relative to the data root the user gave
+            names = [os.path.relpath(n, root) if os.path.isabs(n) else n for n in names]
+        self._predict_names = names
+        self._predict_rows: list[dict[str, Any]] = []
+
+    def _predict_loader(self) -> Any:
+        loader = self.trainer.predict_dataloaders
+        return loader[0] if isinstance(loader, list | tuple) else loader
+
+    def predict_names(self, batch_idx: int, n: int) -> list[str]:
+        """Source names (image names as the dataset stores them) of the ``n`` samples of predict batch
+        ``batch_idx``; their dataset index when the dataset does not name them."""
+        # Lightning wraps the predict batch sampler and records the indices of each batch it yields (iterating
+        # the wrapper here would consume the loop's own iterator).
+        seen = getattr(getattr(self._predict_loader(), "batch_sampler", None), "seen_batch_indices", None)
+        index = seen[batch_idx] if seen and batch_idx < len(seen) else [batch_idx * n + j for j in range(n)]
+        names = getattr(self, "_predict_names", [])
+        return [names[i] if i < len(names) else f"{i:05d}" for i in index[:n]]
+
+    def predict_rows(self, batch: Any) -> list[dict[str, Any]]:
+        """One row of ``predictions.csv`` per sample of a predict batch (the task's own columns)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Rows of ``predictions.csv``: the source image's name, then the task's columns (:meth:`predict_rows`)."""
+        rows = self.predict_rows(batch)
+        rows = [{"image": name, **row} for name, row in zip(self.predict_names(batch_idx, len(rows)), rows)]
+        self._predict_rows += rows
+        return rows
+
+    def on_predict_epoch_end(self) -> None:
+        """Write ``<run>/predictions.csv`` (``predictions_rank<k>.csv`` per process under DDP)."""
+        rows = getattr(self, "_predict_rows", [])
+        if not rows or not self.trainer.log_dir:
+            return
+        name = (
+            "predictions.csv" if self.trainer.world_size == 1 else f"predictions_rank{self.global_rank}.csv"
+        )
+        path = write_csv(Path(self.trainer.log_dir) / name, rows, list(rows[0]))
+        self.print(f"{len(rows)} predictions written to {path}")
 
     def check_finite_weights(self) -> None:
         """Refuse to evaluate NaN or infinite weights (NaN logits score as class 0: chance level, no error)."""
@@ -649,13 +751,27 @@ class BaseTask(L.LightningModule):
                 with self.running(policy, r):
                     gf = self.gmacs(self._input_size)
                     tokens = policy.token_counts(self.num_input_tokens(self._input_size))[-1]
-            prefix = "test" if i == 0 else f"test/{label}"
-            for k, v in {**values, "gflops": gf}.items():
-                self.log(f"{prefix}/{k}/r{M.r_key(r)}", v, sync_dist=False, rank_zero_only=True)
             row = {"policy": label, "r": M.r_label(r), "gflops": gf, "tokens": tokens, **values}
             self.sweep_results.append(row)
-        self.sweep_note = self._add_intervals(row_stats) if pairs else ""
+        notes = [self.label_note(), self._add_intervals(row_stats) if pairs else ""]
+        self.sweep_note = "\n\n".join(n for n in notes if n)
         self._test_stats, self._test_index = {}, []  # free the per-sample statistics
+
+    def label_note(self) -> str:
+        """What the learnable rows of the sweep are ("" when it has none)."""
+        labels = [label for label, p in self.policies() if any(True for _ in p.parameters())]
+        lines = []
+        for label in labels:
+            if "(trained" in label:
+                lines.append(f"{label}: the learned policy of this run, evaluated with hard merging.")
+            else:
+                lines.append(
+                    f"{label}: a policy with freshly initialised parameters (a control; no checkpoint or fit "
+                    "trained it), evaluated with hard merging."
+                )
+        if lines:
+            lines.append("NoMerge: no merging; every policy at r = 0 computes exactly this row.")
+        return "\n".join(f"- {line}" for line in lines)
 
     @contextmanager
     def running(self, policy: MergePolicy, r: int | list[int]) -> Iterator[None]:
@@ -719,7 +835,7 @@ class BaseTask(L.LightningModule):
         """Freeze what ``train`` leaves out and, while the task trains, keep it in eval mode (idempotent).
 
         The merging blocks' own flag follows the task's mode even when their contents are in eval mode: it
-        chooses the policy's training behaviour (DTEM-soft merges softly in training, DESIGN.md 2.5).
+        chooses the policy's training behaviour (DTEM-soft merges softly in training, docs/design.md §7).
         """
         frozen, loose = self._frozen()
         if self.hparams.train != "all":
@@ -820,13 +936,27 @@ class BaseTask(L.LightningModule):
                 f"nothing to train: train={self.hparams.train!r} (freeze_backbone={self.hparams.freeze_backbone}) "
                 f"and the policy {type(self.policy).__name__} has no parameters"
             )
-        groups = [{"params": decay}] + ([{"params": no_decay, "weight_decay": 0.0}] if no_decay else [])
+        groups = [
+            {"params": decay, "name": "decay"}
+        ]  # names: LearningRateMonitor's lr-<optimizer>/<name> tags
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
         optimizer = self.optimizer(groups)
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
         if isinstance(scheduler, CosineLR) and scheduler.total_steps is None:
             scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        if (
+            isinstance(scheduler, CosineLR)
+            and scheduler.total_steps
+            and scheduler.warmup_steps >= scheduler.total_steps
+        ):
+            warnings.warn(
+                f"warmup_steps={scheduler.warmup_steps} is not shorter than the run ({scheduler.total_steps} steps): "
+                "the learning rate never reaches its base value; lower warmup_steps",
+                stacklevel=2,
+            )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from dtem_lightning import flops
 from dtem_lightning.merge import SIZE_EPS
 from dtem_lightning.patch import active_policy
 from dtem_lightning.tasks.base import BaseTask
-from dtem_lightning.text import CaptionMetrics, Vocabulary
+from dtem_lightning.text import CaptionMetrics, Vocabulary, meteor_missing
 
 
 def git_attention_mask(num_visual: int, num_text: int, size: Tensor | None = None) -> Tensor:
@@ -410,6 +410,14 @@ class CaptioningTask(BaseTask):
         loss = self.image_loss(images, captions, 1)
         return loss, self.greedy(images), [list(c) for c in captions]
 
+    def predict_rows(self, batch: Any) -> list[dict[str, Any]]:
+        """The generated caption of each image and its first reference caption."""
+        images, captions = batch
+        return [
+            {"caption": c, "reference": refs[0] if refs else ""}
+            for c, refs in zip(self.generate(images), captions)
+        ]
+
     def evaluate(self, batch: Any) -> tuple[list[str], list[list[str]]]:
         """Test: captions decoded with ``beam_size`` and their references."""
         images, captions = batch
@@ -427,5 +435,10 @@ class CaptioningTask(BaseTask):
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
-        for row in self.sweep_results:
-            row["visual_tokens"] = row["tokens"]  # every encoder token (prefix included) reaches the decoder
+        # ``tokens`` is also what reaches the decoder: every encoder token, prefix included.
+        notes = ["tokens: the visual tokens the encoder passes to the decoder (prefix tokens included)."]
+        if self.hparams.use_meteor is False:
+            notes.append("METEOR: not computed (use_meteor=false).")
+        elif (why := meteor_missing()) is not None:
+            notes.append(f"METEOR: skipped, {why}; it needs pycocoevalcap and Java.")
+        self.sweep_note = "\n\n".join(n for n in (self.sweep_note, " ".join(notes)) if n)

@@ -77,6 +77,17 @@ class ClassificationTask(BaseTask):
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)
 
+    def predict_rows(self, batch: Any) -> list[dict[str, Any]]:
+        """Predicted class, its softmax probability and the folder's class of each image."""
+        x, y = batch
+        prob, pred = self(x).softmax(-1).max(-1)
+        dm = getattr(self.trainer, "datamodule", None)
+        names = list(getattr(dm, "classes", None) or range(self.hparams.num_classes))
+        return [
+            {"prediction": names[int(p)], "probability": round(float(q), 6), "label": names[int(t)]}
+            for p, q, t in zip(pred, prob, y)
+        ]
+
     def step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
         x, y = batch
         logits = self(x)
@@ -93,7 +104,7 @@ class ClassificationTask(BaseTask):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        # DESIGN.md 2.7: merging after the last attention cannot change the class token.
+        # docs/design.md §8: merging after the last attention cannot change the class token.
         token_head = self.backbone.global_pool == "token"
         if token_head and self.policy.schedule[-1] and any(p.requires_grad for p in self.policy.parameters()):
             self.print(

@@ -317,12 +317,13 @@ class SegmentationTask(BaseTask):
             write_csv(path, self.class_iou, list(self.class_iou[0]))
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """Predicted label maps [B, H, W] (uint8); saves image | ground truth | prediction PNGs (``save_png``)."""
+        """Predicted label maps [B, H, W] (uint8); saves image | ground truth | prediction PNGs (``save_png``) to
+        ``<run>/predictions/<image name>.png``, named after the source images."""
         x, y = batch
         pred = self.inference(x).argmax(1)
         out = Path(self.trainer.log_dir or ".") / "predictions"
-        for j in range(len(x)):
-            self.save_png(out / f"{batch_idx * len(x) + j:05d}.png", x[j], y[j], pred[j])
+        for j, name in enumerate(self.predict_names(batch_idx, len(x))):
+            self.save_png(out / f"{Path(name).stem}.png", x[j], y[j], pred[j])
         return pred.byte()  # labels < 256: a quarter of int64's memory in the collected predictions
 
     def save_png(self, path: Path, image: Tensor, target: Tensor, pred: Tensor) -> None:
