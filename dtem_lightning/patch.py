@@ -1,7 +1,13 @@
-"""The only module that knows timm internals: swaps ViT blocks to merging blocks and binds a policy."""
+"""The timm backend: the only module that knows timm. Creates timm ViTs, swaps their blocks to merging blocks,
+binds a policy and answers the encoder's questions about the model (docs/design.md §1, docs/extending.md)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -132,3 +138,81 @@ def num_tokens(vit: nn.Module, img_size: tuple[int, int] | None = None) -> int:
     """Tokens entering block 0 (prefix included) for an input of ``img_size`` (default: the model's)."""
     grid = vit.patch_embed.dynamic_feat_size(img_size) if img_size else vit.patch_embed.grid_size
     return grid[0] * grid[1] + vit.num_prefix_tokens
+
+
+# ---------------------------------------------------------------------- creation and weights (the encoder calls these)
+def is_model(name: str) -> bool:
+    """Whether ``name`` is a timm model name."""
+    return timm.is_model(name)
+
+
+def create(
+    name: str,
+    kwargs: dict[str, Any],
+    pretrained: bool = False,
+    weights_file: str | Path | None = None,
+    file_classes: int | None = None,
+) -> nn.Module:
+    """``timm.create_model``: random weights, the hub's (``pretrained``) or a local file's.
+
+    Args:
+        name: timm model name.
+        kwargs: extra ``timm.create_model`` arguments.
+        pretrained: load the hub weights.
+        weights_file: a local file that loads with ``weights_only=True`` (the caller checked it).
+        file_classes: classes of the file's classifier head (timm keeps it only when the count matches).
+    """
+    if weights_file is not None:
+        overlay: dict[str, Any] = {"file": str(weights_file), "hf_hub_id": None, "url": None}
+        if file_classes is not None:
+            overlay["num_classes"] = file_classes
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def hub_classes(name: str) -> int | None:
+    """Classes of the classifier head of the hub weights of ``name``."""
+    return getattr(timm.models.get_pretrained_cfg(name), "num_classes", None)
+
+
+def patch_kernel(name: str, kwargs: dict[str, Any]) -> tuple[int, ...]:
+    """Shape of the patch embedding's weight of the model ``name`` would create (on the meta device: no memory)."""
+    with torch.device("meta"):  # shapes only: no memory, no init cost
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    return tuple(model.patch_embed.proj.weight.shape)
+
+
+# ---------------------------------------------------------------------- what the encoder reads
+def patch_size(vit: nn.Module) -> tuple[int, int]:
+    return tuple(vit.patch_embed.patch_size)
+
+
+def img_size(vit: nn.Module) -> tuple[int, int] | None:
+    return vit.patch_embed.img_size
+
+
+def global_pool(vit: nn.Module) -> str:
+    return vit.global_pool
+
+
+def forward_features(vit: nn.Module, x: Tensor) -> Tensor:
+    """Images [B, 3, H, W] -> output tokens [B, n, C] after the final norm (merged by the active policy)."""
+    return vit.forward_features(x)
+
+
+def forward_head(vit: nn.Module, tokens: Tensor) -> Tensor:
+    """timm's classifier head (pooling, fc_norm, head) on ``forward_features``' tokens."""
+    return vit.forward_head(tokens)
+
+
+def head_modules(vit: nn.Module) -> list[nn.Module]:
+    """timm's classifier head (what ``forward_head`` runs): attention pool if any, fc_norm, dropout, head."""
+    parts = [getattr(vit, n, None) for n in ("attn_pool", "fc_norm", "head_drop", "head")]
+    return [m for m in parts if m is not None]
+
+
+def set_merge_training(vit: nn.Module, mode: bool) -> None:
+    """Set the training flag of the merging blocks only: it selects the policy's training behaviour (soft)."""
+    for m in vit.modules():
+        if isinstance(m, MergeBlock):
+            m.training = mode
