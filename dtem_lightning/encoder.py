@@ -24,20 +24,36 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from dtem_lightning import flops
-from dtem_lightning import patch as backend
+from dtem_lightning import patch as timm_backend
 from dtem_lightning.io import load_weights_only
 from dtem_lightning.merge import SIZE_EPS, parse_r, r_key, r_label, r_schedule, unmerge_tokens
-from dtem_lightning.policy import MergePolicy, NoMerge
+from dtem_lightning.policy import MergePolicy, ModelInfo, NoMerge
 
 # Re-exported for the tasks (sweep keys and labels, the proportional-attention epsilon of a decoder's mask):
 # tasks import the encoder, never merge.py.
-__all__ = ["SIZE_EPS", "Encoded", "MergingEncoder", "parse_r", "r_key", "r_label"]
+__all__ = ["BACKENDS", "SIZE_EPS", "Encoded", "MergingEncoder", "parse_r", "r_key", "r_label"]
+
+# The backends, asked in order: the first whose ``is_model(name)`` accepts a model name (or ``owns(model)`` a
+# model) builds and patches it. A new backbone family is one module with the functions of ``patch.py`` (listed
+# in docs/extending.md) and one entry here.
+BACKENDS: tuple[ModuleType, ...] = (timm_backend,)
+
+
+def backend_for(backbone: str | nn.Module) -> ModuleType:
+    """The backend of a model name or a model; the error names the first backend's kind of names."""
+    for backend in BACKENDS:
+        if backend.is_model(backbone) if isinstance(backbone, str) else backend.owns(backbone):
+            return backend
+    if isinstance(backbone, str):
+        raise ValueError(f"unknown backbone {backbone!r}: not a timm model name (see timm.list_models())")
+    return BACKENDS[0]  # its apply_policy refuses the model with one line naming the class
 
 
 # ---------------------------------------------------------------------- weight files
@@ -55,9 +71,9 @@ def _stored_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
     return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
 
 
-def _head_rows(path: str | Path) -> int | None:
-    """Classes of the classifier head (``head.weight``) stored in a weights file, if any."""
-    shape = _stored_shape(path, "head.weight")
+def _head_rows(path: str | Path, key: str) -> int | None:
+    """Classes of the classifier head (weight ``key``, timm: ``head.weight``) stored in a weights file, if any."""
+    shape = _stored_shape(path, key)
     return int(shape[0]) if shape is not None else None
 
 
@@ -81,19 +97,19 @@ def _weights_only_copy(path: str | Path) -> Path:
     return out
 
 
-def _check_patch_size(path: str | Path, name: str, kwargs: dict[str, Any]) -> None:
+def _check_patch_size(path: str | Path, name: str, kwargs: dict[str, Any], backend: ModuleType) -> None:
     """Refuse a weights file whose patch embedding has another kernel than the model's.
 
     timm would resample the file's patch embedding to the model's patch size without a word; weights trained at
     one patch size are not weights of another.
     """
-    stored = _stored_shape(path, "patch_embed.proj.weight")
+    stored = _stored_shape(path, backend.PATCH_WEIGHT)
     if stored is None or len(stored) != 4:
         return
     own = backend.patch_kernel(name, kwargs)
     if stored[-2:] != own[-2:]:
         raise ValueError(
-            f"checkpoint_path {path} has patch size {stored[-2]}x{stored[-1]} (patch_embed.proj.weight "
+            f"checkpoint_path {path} has patch size {stored[-2]}x{stored[-1]} ({backend.PATCH_WEIGHT} "
             f"{list(stored)}) but the model has {own[-2]}x{own[-1]} ({list(own)}): refusing to resample; "
             f"set backbone_kwargs.patch_size={stored[-1]} or pass weights of the model's patch size"
         )
@@ -122,8 +138,7 @@ def create_backbone(
         The model and, when the weights' classifier head has another class count than the model (timm starts
         that head afresh), one line saying so (else None).
     """
-    if not backend.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())")
+    backend = backend_for(name)
     if weights_later:  # its weights replace any others: nothing else to load
         return backend.create(name, kwargs), None
     path = checkpoint_path
@@ -131,7 +146,7 @@ def create_backbone(
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint_path {path!r} does not exist")
         try:
-            rows = _head_rows(path)
+            rows = _head_rows(path, backend.HEAD_WEIGHT)
         except pickle.UnpicklingError as e:  # io.PickledCodeError: a readable file that needs pickled code
             if not trust_checkpoint:
                 raise ValueError(
@@ -139,8 +154,8 @@ def create_backbone(
                     "config; never taken from a checkpoint), or re-save it as safetensors"
                 ) from e
             path = _weights_only_copy(path)
-            rows = _head_rows(path)
-        _check_patch_size(path, name, kwargs)
+            rows = _head_rows(path, backend.HEAD_WEIGHT)
+        _check_patch_size(path, name, kwargs, backend)
         dropped = _head_note(f"checkpoint_path {checkpoint_path}", rows, kwargs)
         return backend.create(name, kwargs, weights_file=path, file_classes=rows), dropped
     if pretrained:
@@ -219,23 +234,26 @@ class MergingEncoder(nn.Module):
                 trust_checkpoint,
                 weights_later,
             )
-        patch, img = self.patch_size_of(backbone), backend.img_size(backbone)
+        backend = backend_for(backbone)
+        self.policy = policy if policy is not None else NoMerge()
+        backend.apply_policy(backbone, self.policy)  # refuses unsupported models and blocks first
+        patch, img = backend.patch_size(backbone), backend.img_size(backbone)
         if img is not None and (img[0] % patch[0] or img[1] % patch[1]):
             raise ValueError(f"image size {tuple(img)} is not divisible by the patch size {tuple(patch)}")
         self.backbone = backbone
-        self.policy = policy if policy is not None else NoMerge()
-        backend.apply_policy(self.backbone, self.policy)
+        self.info: ModelInfo = self.policy.info  # what every policy binds to
         self.test_policies = nn.ModuleList()
 
-    @staticmethod
-    def patch_size_of(backbone: nn.Module) -> tuple[int, int]:
-        return tuple(backend.patch_size(backbone))
+    @property
+    def backend(self) -> ModuleType:
+        """The backend that patched the backbone (looked up, not stored: a module object does not deep-copy)."""
+        return backend_for(self.backbone)
 
     # ------------------------------------------------------------------ policies
     def add_policies(self, policies: Sequence[MergePolicy]) -> None:
         """Bind comparison policies (sweep rows) to the backbone; the task's own policy stays in use."""
         for p in policies:
-            p.bind(self.backbone)
+            p.bind(self.backend.describe(self.backbone))  # the model's device and dtype now
             self.test_policies.append(p)
         self.use(self.policy)
 
@@ -251,11 +269,11 @@ class MergingEncoder(nn.Module):
     @property
     def active(self) -> MergePolicy:
         """The policy the backbone merges with now (a sweep switches it with :meth:`use`)."""
-        return backend.active_policy(self.backbone)
+        return self.backend.active_policy(self.backbone)
 
     def use(self, policy: MergePolicy) -> None:
         """Merge with ``policy`` (one of :meth:`all_policies`) from now on."""
-        backend.use_policy(self.backbone, policy)
+        self.backend.use_policy(self.backbone, policy)
 
     @contextmanager
     def running(self, policy: MergePolicy, r: int | list[int]) -> Iterator[None]:
@@ -286,13 +304,13 @@ class MergingEncoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Encoded:
         """Images [B, 3, H, W] -> :class:`Encoded` (merged tokens, sizes, sources) with the active policy."""
-        tokens = backend.forward_features(self.backbone, x)
+        tokens = self.backend.forward_features(self.backbone, x)
         state = self.active.state
         return Encoded(tokens, state.size, state.source, self.num_prefix)
 
     def forward_head(self, encoded: Encoded) -> Tensor:
         """The backbone's own classifier head on :meth:`forward`'s tokens (average pools weigh by size)."""
-        return backend.forward_head(self.backbone, encoded.tokens)
+        return self.backend.forward_head(self.backbone, encoded.tokens)
 
     def gmacs(self, input_size: tuple[int, int, int]) -> float:
         """GMACs per image of the backbone with its own head and the active policy (docs/design.md §10)."""
@@ -301,43 +319,43 @@ class MergingEncoder(nn.Module):
     # ------------------------------------------------------------------ description
     @property
     def depth(self) -> int:
-        return self.policy.depth
+        return self.info.depth
 
     @property
     def width(self) -> int:
-        return self.policy.width
+        return self.info.width
 
     @property
     def num_heads(self) -> int:
-        return self.policy.num_heads
+        return self.info.num_heads
 
     @property
     def num_prefix(self) -> int:
-        return self.policy.num_prefix
+        return self.info.num_prefix
 
     @property
     def patch_size(self) -> tuple[int, int]:
-        return self.patch_size_of(self.backbone)
+        return tuple(self.backend.patch_size(self.backbone))
 
     @property
     def img_size(self) -> tuple[int, int] | None:
         """The input size the backbone was created for (None: any)."""
-        img = backend.img_size(self.backbone)
+        img = self.backend.img_size(self.backbone)
         return tuple(img) if img is not None else None
 
     @property
     def global_pool(self) -> str:
         """How the classifier head pools: ``token`` (class token), ``avg`` or ``""`` (none)."""
-        return backend.global_pool(self.backbone)
+        return self.backend.global_pool(self.backbone)
 
     def num_tokens(self, img_size: tuple[int, int] | None = None) -> int:
         """Tokens entering block 0 (prefix included) for an input of ``img_size`` (default: the model's)."""
-        return backend.num_tokens(self.backbone, img_size)
+        return self.backend.num_tokens(self.backbone, img_size)
 
     def head_modules(self) -> list[nn.Module]:
         """The backbone's classifier head (what :meth:`forward_head` runs besides pooling)."""
-        return backend.head_modules(self.backbone)
+        return self.backend.head_modules(self.backbone)
 
     def set_merge_training(self, mode: bool) -> None:
         """Set the merging blocks' own training flag (it selects soft merging) whatever their contents' mode."""
-        backend.set_merge_training(self.backbone, mode)
+        self.backend.set_merge_training(self.backbone, mode)

@@ -11,17 +11,22 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from dtem_lightning.policy import MergePolicy
+from dtem_lightning.policy import MergePolicy, ModelInfo
 
 _POOLS = ("token", "avg", "")
+
+# Where a timm weights file keeps the classifier head and the patch embedding (the encoder checks both).
+HEAD_WEIGHT = "head.weight"
+PATCH_WEIGHT = "patch_embed.proj.weight"
 
 
 class MergeBlock(Block):
     """timm ``Block`` that merges tokens between attention and MLP.
 
     Modifications: block 0 resets the policy's state; attention gets the proportional-attention bias
-    (log size) through timm's own ``attn_mask`` so fused attention is kept; after attention the policy merges
-    tokens on its metric (keys or a decoupled embedding of the normalised input).
+    (log size) through timm's own ``attn_mask`` so fused attention is kept; after attention one
+    :meth:`~dtem_lightning.policy.MergePolicy.step` merges tokens, handed the normalised input and the keys
+    (the output of ``attn.k_norm``, kept by the hook :func:`apply_policy` installs).
     """
 
     _merge_policy: MergePolicy
@@ -42,7 +47,8 @@ class MergeBlock(Block):
             bias = bias.to(x.dtype)  # SDPA wants the mask in the query's dtype
         u = self.norm1(x)
         x = x + self.drop_path1(self.ls1(self.attn(u, attn_mask=bias)))
-        x = policy.merge(layer, x, policy.metric(layer, u) if policy.schedule[layer] else None)
+        # Popped, not read: the keys must not outlive the block (memory) nor reach another forward.
+        x = policy.step(layer, x, u, self.attn.k_norm.__dict__.pop("_merge_keys", None))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -63,6 +69,31 @@ class MergeVisionTransformer(VisionTransformer):
             return policy.pool_avg(x)
         return super().pool(x, pool_type)
 
+    def merge_info(self) -> ModelInfo:
+        """The description a policy binds to (``policy.bind(model)``)."""
+        return describe(self)
+
+
+def describe(vit: nn.Module) -> ModelInfo:
+    """The plain description of a timm ViT that policies bind to (depth, width, heads, head dim, prefix tokens,
+    and where its parameters live)."""
+    attn = vit.blocks[0].attn
+    p = next(vit.parameters())
+    return ModelInfo(
+        depth=len(vit.blocks),
+        width=vit.embed_dim,
+        num_heads=attn.num_heads,
+        head_dim=attn.head_dim,
+        num_prefix=vit.num_prefix_tokens,
+        device=p.device,
+        dtype=p.dtype,
+    )
+
+
+def _keep_keys(module: nn.Module, args: tuple, out: Tensor) -> None:
+    """Forward hook on ``attn.k_norm``: keep the keys [B, H, N, D] for the block's merge step."""
+    module.__dict__["_merge_keys"] = out  # a plain attribute: never a buffer, never saved
+
 
 def _unsupported(what: str) -> ValueError:
     return ValueError(
@@ -76,7 +107,8 @@ def apply_policy(vit: nn.Module, policy: MergePolicy) -> nn.Module:
 
     Checks the model, swaps each ``Block`` to :class:`MergeBlock` and the model to
     :class:`MergeVisionTransformer` (only ``forward``/``pool`` differ; the state_dict keys do not change),
-    and binds ``policy`` (which builds its embeddings or hooks). Works on a loaded model, not only at creation.
+    keeps each block's keys for the merge step, and binds ``policy`` to the model's description (it builds its
+    embeddings there). Works on a loaded model, not only at creation.
 
     Args:
         vit: a timm ``VisionTransformer``.
@@ -100,8 +132,9 @@ def apply_policy(vit: nn.Module, policy: MergePolicy) -> nn.Module:
         raise ValueError(
             "gradient checkpointing re-runs blocks and would corrupt the merge state; disable it"
         )
-    policy.bind(vit)
+    policy.bind(describe(vit))
     for i, blk in enumerate(vit.blocks):
+        blk.attn.k_norm.register_forward_hook(_keep_keys)
         blk.__class__ = MergeBlock
         # Plain attributes, not submodules: the policy is registered once by its owner.
         object.__setattr__(blk, "_merge_policy", policy)
@@ -144,6 +177,11 @@ def num_tokens(vit: nn.Module, img_size: tuple[int, int] | None = None) -> int:
 def is_model(name: str) -> bool:
     """Whether ``name`` is a timm model name."""
     return timm.is_model(name)
+
+
+def owns(model: nn.Module) -> bool:
+    """Whether ``model`` is a timm ViT this backend patches."""
+    return isinstance(model, VisionTransformer)
 
 
 def create(

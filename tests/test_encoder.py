@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from dtem_lightning import DTEMHard, NoMerge, ToMe
+from dtem_lightning import DTEMHard, DTEMSoft, NoMerge, ToMe
 from dtem_lightning.encoder import MergingEncoder
 from dtem_lightning.tasks import SegmentationTask
 
@@ -84,3 +84,38 @@ def test_layers_import_only_downwards():
         above = set(layers[i + 1 :]) | {"tasks", "cli"}
         bad = {m for m in _imports(PACKAGE / f"{name}.py") if m.split(".")[0] in above}
         assert not bad, f"{name}.py imports {bad} from above it"
+
+
+def test_policies_bind_to_a_plain_description():
+    """A policy builds its parameters from a ModelInfo alone; the backend hands it the keys (no policy hooks)."""
+    from dtem_lightning.policy import ModelInfo
+
+    soft = DTEMSoft(r=2)
+    soft.bind(ModelInfo(depth=3, width=32, num_heads=2, head_dim=16, num_prefix=1))
+    assert [tuple(e.weight.shape) for e in soft.embed] == [(16, 32)] * 3 and soft.schedule == [2, 2, 2]
+    with pytest.raises(TypeError, match="ModelInfo"):
+        ToMe().bind(torch.nn.Linear(2, 2))
+    imported = {
+        a.name.split(".")[0]
+        for node in ast.walk(ast.parse((PACKAGE / "policy.py").read_text()))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for a in ([ast.alias(node.module)] if isinstance(node, ast.ImportFrom) else node.names)
+        if a.name
+    }
+    assert "timm" not in imported, imported
+
+    kw = dict(patch_size=4, depth=2, embed_dim=32, num_heads=2, img_size=32, num_classes=0)
+    enc = MergingEncoder(timm.create_model("vit_tiny_patch16_224", **kw), ToMe(r=4))
+    enc.add_policies([ToMe(r=2, prop_attn=False), ToMe(r=1, trace_source=True)])
+    # One hook per block, the backend's own, however many ToMe policies are bound.
+    assert all(len(blk.attn.k_norm._forward_hooks) == 1 for blk in enc.backbone.blocks)
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 32, 32))
+    assert enc.last_token_counts == [61, 57]
+    assert all("_merge_keys" not in blk.attn.k_norm.__dict__ for blk in enc.backbone.blocks)  # freed
+
+
+def test_hard_and_soft_are_modes_of_one_policy():
+    """DTEMSoft is DTEMHard in soft mode: same metric, same eval computation with the same weights."""
+    assert DTEMHard.mode == "hard" and DTEMSoft.mode == "soft" and issubclass(DTEMSoft, DTEMHard)
+    assert DTEMSoft.merge is DTEMHard.merge and DTEMSoft.metric is DTEMHard.metric
