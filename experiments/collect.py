@@ -18,6 +18,11 @@ INTERVAL_NOTE = (
     "bootstrap 95 % interval over the test samples (each run's sweep.md gives the resamples)."
 )
 
+LABEL_NOTE = (
+    "DTEM (trained): the run's learned embedding, evaluated with hard merging; DTEM (untrained): the same policy "
+    "freshly initialised (the control); NoMerge: no merging, the row of every policy at r = 0."
+)
+
 # Published numbers (docs/design.md §13), accuracies as fractions like the sweeps. r is empty where the paper
 # states no r; GFLOPs are the papers' (bias-free) figures, within 0.5 % of our convention.
 PUBLISHED: dict[str, list[dict[str, object]]] = {
@@ -158,6 +163,9 @@ def markdown(rows: list[dict[str, object]], cols: list[str]) -> str:
         lines.append("| " + " | ".join(_fmt(row.get(c, "")) for c in shown_cols) + " |")
     if shown_cols != cols:
         lines += ["", INTERVAL_NOTE]
+    policies = {str(r.get("policy", "")) for r in rows}
+    if any("(trained" in p or "(untrained" in p for p in policies):
+        lines += ["", LABEL_NOTE]
     return "\n".join(lines)
 
 

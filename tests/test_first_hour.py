@@ -244,3 +244,17 @@ def test_torchvision_fix_imports_nothing_at_start_up():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['dtem_lightning_tvfix']"
+
+
+def test_collect_says_what_the_labels_mean(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "sweep.csv").write_text(
+        "policy,r,gflops,tokens,acc1\nDTEM (trained),2,0.9,9,0.5\nNoMerge,0,1.0,12,0.6\n"
+    )
+    out = tmp_path / "out"
+    assert subprocess.run([sys.executable, str(ROOT / "experiments/collect.py"), str(tmp_path / "run"), "--out",
+                           str(out)], capture_output=True, timeout=120).returncode == 0  # fmt: skip
+    assert (
+        "DTEM (trained): the run's learned embedding, evaluated with hard merging"
+        in (out / "sweep.md").read_text()
+    )
