@@ -69,6 +69,19 @@ def r_key(r: int | Sequence[int]) -> str:
     return str(r) if isinstance(r, int) else "-".join(str(v) for v in r)
 
 
+def capped_r(r: int, num_patch: int) -> int:
+    """The per-block cap of hard merging (docs/design.md §3): at most half the patch tokens left merge away.
+
+    The one place the rule is written: :func:`token_counts`, :func:`bipartite_matching` and the policy's
+    warning about an r larger than the input allows all use it.
+
+    Args:
+        r: tokens the block would remove.
+        num_patch: patch tokens entering the block (prefix tokens excluded).
+    """
+    return min(r, num_patch // 2)
+
+
 def token_counts(num_tokens: int, num_prefix: int, schedule: Sequence[int]) -> list[int]:
     """Token count after each block of hard merging, with r capped at (patch tokens) // 2 per block.
 
@@ -82,7 +95,7 @@ def token_counts(num_tokens: int, num_prefix: int, schedule: Sequence[int]) -> l
     """
     counts, n = [], num_tokens
     for r in schedule:
-        n -= min(r, (n - num_prefix) // 2)
+        n -= capped_r(r, n - num_prefix)
         counts.append(n)
     return counts
 
@@ -136,7 +149,7 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn
     num_patch = N - num_prefix
     num_dst = (num_patch - off + 1) // 2  # patch positions off, off + 2, ...
     num_src = num_patch - num_dst
-    r = min(r, num_patch // 2)  # <= num_src for either offset
+    r = capped_r(r, num_patch)  # <= num_src for either offset
     with torch.no_grad():
         m = normalize(metric[:, num_prefix:].float())
         src, dst = m[:, 1 - off :: 2], m[:, off::2]

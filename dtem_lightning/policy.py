@@ -16,15 +16,40 @@ from dtem_lightning import merge as M
 PropAttn = bool | str  # True / False / "train" (only in train mode, as DTEM does for MAE models)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """The plain description of a ViT a policy binds to, handed over by the backend (a policy never reads the
+    model itself, so one policy works with every backend).
+
+    Attributes:
+        depth: blocks.
+        width: token width C.
+        num_heads: attention heads.
+        head_dim: width of one head.
+        num_prefix: prefix tokens (class, distillation, registers) before the patch tokens; they never merge.
+        device: where parameters built at binding go (the model's), None: the default device.
+        dtype: their dtype (the model's), None: the default dtype.
+    """
+
+    depth: int
+    width: int
+    num_heads: int
+    head_dim: int
+    num_prefix: int
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+
 @dataclass
 class MergeState:
-    """Per-forward bookkeeping, reset at block 0.
+    """Per-forward bookkeeping, reset at block 0 (:meth:`MergePolicy.begin`).
 
     Attributes:
         size: [B, N, 1] patches per token, or None while every size is 1.
         source: [B, N, N0] patch share per token when tracing sources, else None.
         active: tokens (prefix included) still eligible for soft merging; the rest are only attended.
-        keys: [B, H, N, D] keys of the current block (filled by ToMe's hook).
+        keys: [B, H, N, D] attention keys of the current block, handed over by the backend in
+            :meth:`MergePolicy.step` (None when it has none).
         tokens: token count after each block so far (hard merging) or active count (soft merging).
         training: the backbone's mode for this forward (soft merging and prop_attn="train" follow it).
     """
@@ -38,10 +63,25 @@ class MergeState:
 
 
 class MergePolicy(nn.Module):
-    """Base policy: holds r, binds to a ViT, keeps :class:`MergeState`, does hard size-weighted merging.
+    """Base policy: holds r, binds to a :class:`ModelInfo`, keeps :class:`MergeState`, does hard size-weighted
+    merging.
 
-    Subclasses override :meth:`metric` (what similarity to match on) and, for soft training, :meth:`merge`.
-    The base class has no metric, so it never merges: it is :class:`NoMerge`.
+    Subclasses override :meth:`metric` (what similarity to match on) and, for another merging rule,
+    :meth:`merge`. The base class has no metric, so it never merges: it is :class:`NoMerge`.
+
+    The per-forward contract, what a backend's merging blocks do in one forward of the model:
+
+    1. block 0 calls :meth:`begin` with the block's input [B, N0, C] and the backbone's mode; it resets the
+       state (sizes None, sources the identity when tracing, active count N0, no token counts);
+    2. every block passes :meth:`attn_bias` (None while every size is 1: no mask, so r = 0 stays bit-identical)
+       as the attention's additive mask;
+    3. every block, after attention, calls :meth:`step` once with the residual stream, its normalised input and
+       the attention keys; the policy merges and records the sizes, the source map, the active count and the
+       token count of the block in :attr:`state`;
+    4. an average-pool head pools with :meth:`pool_avg` once tokens have merged.
+
+    After the forward, :attr:`state` describes the output tokens: ``size`` [B, n, 1] (None: nothing merged),
+    ``source`` [B, n, N0], ``tokens`` (one count per block).
 
     Args:
         r: tokens removed per block: one int for every block or a list with one entry per block.
@@ -69,13 +109,24 @@ class MergePolicy(nn.Module):
         self._checked: set[tuple[int, tuple[int, ...]]] = set()
 
     # ----------------------------------------------------------------- binding
-    def bind(self, vit: nn.Module) -> None:
-        """Read depth, width and prefix count from ``vit`` once; subclasses build parameters/hooks here."""
-        self.depth = len(vit.blocks)
-        self.width = vit.embed_dim
-        self.num_prefix = vit.num_prefix_tokens
-        self.num_heads = vit.blocks[0].attn.num_heads
-        self.head_dim = vit.blocks[0].attn.head_dim
+    def bind(self, model: ModelInfo | nn.Module) -> None:
+        """Bind to a model described by ``model`` once; subclasses build their parameters here.
+
+        Args:
+            model: a :class:`ModelInfo`, or a model patched by a backend, which describes itself
+                (``merge_info()``; :func:`dtem_lightning.patch.apply_policy` gives timm models one).
+        """
+        info = model if isinstance(model, ModelInfo) else getattr(model, "merge_info", None)
+        if callable(info):
+            info = info()
+        if not isinstance(info, ModelInfo):
+            raise TypeError(
+                f"{type(self).__name__}.bind needs a ModelInfo or a model patched by a backend (apply_policy), "
+                f"got {type(model).__name__}"
+            )
+        self.info = info
+        self.depth, self.width, self.num_prefix = info.depth, info.width, info.num_prefix
+        self.num_heads, self.head_dim = info.num_heads, info.head_dim
         self.schedule = M.r_schedule(self.r, self.depth)
 
     @property
@@ -120,8 +171,8 @@ class MergePolicy(nn.Module):
         Capping in late blocks is the normal ToMe rule (DeiT-S at r = 16 keeps 10 in block 11 and ends with 11
         tokens) and stays silent; an r above half the input's patch tokens is most likely a mistake.
         """
-        limit = (num_tokens - self.num_prefix) // 2
-        too_big = sorted({r for r in self.schedule if r > limit})
+        patches = num_tokens - self.num_prefix
+        too_big = sorted({r for r in self.schedule if M.capped_r(r, patches) < r})
         if too_big:
             final = M.token_counts(num_tokens, self.num_prefix, self.schedule)[-1]
             warnings.warn(
@@ -144,8 +195,26 @@ class MergePolicy(nn.Module):
         size = size.to(torch.promote_types(size.dtype, torch.float32))  # float32 also under autocast
         return torch.log(size + M.SIZE_EPS)[:, None, :, 0][:, None]
 
+    def step(self, layer: int, x: Tensor, u: Tensor, keys: Tensor | None = None) -> Tensor:
+        """Block ``layer``'s merge, the one call a backend makes per block after attention.
+
+        The metric is computed only when the block's r is not 0 (r = 0 costs nothing and changes nothing).
+
+        Args:
+            layer: block index.
+            x: [B, N, C] residual stream after attention.
+            u: [B, N, C] the block's normalised input (what attention saw).
+            keys: [B, H, N, D] the block's attention keys (normalised where the model normalises them), or None.
+
+        Returns:
+            [B, N', C]: N' = N - r (hard) or N (soft: sizes change instead).
+        """
+        self.state.keys = keys
+        return self.merge(layer, x, self.metric(layer, u) if self.schedule[layer] else None)
+
     def metric(self, layer: int, u: Tensor) -> Tensor | None:
-        """Similarity features [B, N, C'] for block ``layer`` from its normalised input ``u``; None: no merge."""
+        """Similarity features [B, N, C'] for block ``layer`` from its normalised input ``u`` (or
+        ``state.keys``); None: no merge."""
         return None
 
     def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
@@ -184,17 +253,9 @@ class NoMerge(MergePolicy):
 class ToMe(MergePolicy):
     """ToMe: hard bipartite merging on the keys averaged over heads (Bolya et al., ICLR 2023).
 
-    The keys are read by a forward hook on each block's ``attn.k_norm`` (an Identity unless the model uses
-    qk-norm, so normalised keys are used where they exist).
+    The backend hands the keys over in :meth:`step` (timm: the output of ``attn.k_norm``, an Identity unless
+    the model uses qk-norm, so normalised keys are used where they exist).
     """
-
-    def bind(self, vit: nn.Module) -> None:
-        super().bind(vit)
-        for blk in vit.blocks:
-            blk.attn.k_norm.register_forward_hook(self._keep_keys)
-
-    def _keep_keys(self, module: nn.Module, args: tuple, out: Tensor) -> None:
-        self.state.keys = out
 
     def metric(self, layer: int, u: Tensor) -> Tensor | None:
         keys = self.state.keys
@@ -204,21 +265,26 @@ class ToMe(MergePolicy):
 
 
 class DTEMHard(MergePolicy):
-    """DTEM with hard merging: bipartite matching on a decoupled embedding (Lee & Hong, NeurIPS 2024).
+    """DTEM: merging on a decoupled embedding (Lee & Hong, NeurIPS 2024); hard or soft is a mode.
 
     One ``nn.Linear(C, embed_dim)`` per block maps the block's normalised input, detached so the embedding
-    never sends gradients into the ViT, to the similarity metric. Hard matching gives no gradient: train
-    the embedding with :class:`DTEMSoft` and use this class for inference and evaluation.
+    never sends gradients into the ViT, to the similarity metric. Evaluation always merges hard (ToMe's rule on
+    the embedding). What training does is the policy's ``mode``: ``hard`` (this class: the same as evaluation;
+    hard matching has no gradient, so it evaluates an embedding, e.g. an untrained control) or ``soft``
+    (:class:`DTEMSoft`: DTEM's relaxation, which trains the embedding). A trained :class:`DTEMSoft` in eval mode
+    computes exactly what a :class:`DTEMHard` with the same weights computes.
 
     Args:
         embed_dim: embedding width (at least 1); None gives the head dim (twice it when the ViT is 1024 wide or
             more).
         order: token order after a hard merge: ``tome`` (unmerged sources, then destinations, as ToMe) or
-            ``size`` (patch tokens re-sorted by size, largest first, as :class:`DTEMSoft` orders them in
-            training, so the next block's alternating split pairs the same kind of tokens in both regimes).
+            ``size`` (patch tokens re-sorted by size, largest first, as soft training orders them, so the next
+            block's alternating split pairs the same kind of tokens in both modes).
     """
 
     display_name = "DTEM"  # DTEMSoft too: both evaluate the same learned embedding with hard merging
+    mode = "hard"  # what train mode does; DTEMSoft: "soft"
+    SOFT_LAYOUTS = ("official", "consistent")
 
     def __init__(
         self,
@@ -237,19 +303,23 @@ class DTEMHard(MergePolicy):
         self.order = order
         self.embed = nn.ModuleList()
 
-    def bind(self, vit: nn.Module) -> None:
-        super().bind(vit)
+    def bind(self, model: ModelInfo | nn.Module) -> None:
+        super().bind(model)
         if self.embed_dim is None:
             self.embed_dim = self.head_dim * (2 if self.width >= 1024 else 1)
-        p = next(vit.parameters())
+        info = self.info
         self.embed = nn.ModuleList(
-            nn.Linear(self.width, self.embed_dim, device=p.device, dtype=p.dtype) for _ in range(self.depth)
+            nn.Linear(self.width, self.embed_dim, device=info.device, dtype=info.dtype)
+            for _ in range(self.depth)
         )
 
     def metric(self, layer: int, u: Tensor) -> Tensor | None:
         return self.embed[layer](u.detach())
 
     def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        """Soft in train mode when the mode is ``soft`` (docs/design.md §5), else hard (§3) in ``order``."""
+        if self.mode == "soft" and self.state.training:
+            return self._soft_merge(layer, x, metric)
         n = x.shape[1]
         x = super().merge(layer, x, metric)
         if self.order == "size" and x.shape[1] < n:
@@ -273,60 +343,11 @@ class DTEMHard(MergePolicy):
             st.source = st.source.gather(1, perm[..., None].expand_as(st.source))
         return x.gather(1, perm[..., None].expand_as(x))
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, order={self.order}"
-
-
-class DTEMSoft(DTEMHard):
-    """DTEM's training relaxation: soft merging in train mode, hard merging (as DTEMHard) in eval mode.
-
-    Modifications in train mode (the backbone's mode decides): the sequence length stays N; tokens get
-    fractional sizes through :func:`~dtem_lightning.merge.soft_grouping`, are re-sorted by size and the
-    active count drops by r per block. Everything in the soft step runs in float32, also under autocast.
-
-    Args:
-        k: candidate destinations per source (at least 1); a block with fewer destinations uses them all.
-        tau1: similarity temperature (finite, > 0).
-        tau2: selection temperature (finite, > 0).
-        soft_layout: ``official`` (default): the published training step — sources are the active patch
-            positions 0, 2, 4, … (the opposite parity of the hard split), destinations 1, 3, 5, …, and after
-            merging the sequence [all sources; all destinations] is stably re-sorted by size, so tied sizes keep
-            sources first. ``consistent``: the hard split of inference (:func:`~dtem_lightning.merge.
-            hard_split_offset`) also in training, tokens stably re-sorted by size from their own positions (an
-            ablation: one split in both regimes; its effect on accuracy is unmeasured).
-    """
-
-    SOFT_LAYOUTS = ("official", "consistent")
-
-    def __init__(
-        self,
-        r: int | list[int] = 0,
-        prop_attn: PropAttn = True,
-        trace_source: bool = False,
-        embed_dim: int | None = None,
-        order: str = "tome",
-        k: int = 3,
-        tau1: float = 0.1,
-        tau2: float = 0.1,
-        soft_layout: str = "official",
-    ) -> None:
-        super().__init__(
-            r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim, order=order
-        )
-        if isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be >= 1 candidate destinations, got k={k!r}")
-        for name, tau in (("tau1", tau1), ("tau2", tau2)):
-            if not (math.isfinite(tau) and tau > 0):
-                raise ValueError(f"{name} must be a finite temperature > 0, got {name}={tau!r}")
-        if soft_layout not in self.SOFT_LAYOUTS:
-            raise ValueError(f"soft_layout must be 'official' or 'consistent', got {soft_layout!r}")
-        self.k, self.tau1, self.tau2, self.soft_layout = k, tau1, tau2, soft_layout
-
-    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
-        if not self.state.training:
-            return super().merge(layer, x, metric)
+    # ----------------------------------------------------------------- soft mode (DTEMSoft's hyper-parameters)
+    def _soft_merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
         st = self.state
         src_idx, dst_idx = self.soft_split(st.active, x.device)
+        # Soft grouping selects each source about once: r is capped by the sources, not by half the patches.
         r = min(self.schedule[layer], len(src_idx)) if len(dst_idx) else 0
         if metric is None or r == 0:
             st.tokens.append(st.active)
@@ -363,6 +384,56 @@ class DTEMSoft(DTEMHard):
         st.active = n - r
         st.tokens.append(st.active)
         return x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, order={self.order}"
+
+
+class DTEMSoft(DTEMHard):
+    """DTEM in ``soft`` mode: DTEM's training relaxation in train mode, hard merging (as DTEMHard) in eval mode.
+
+    Modifications in train mode (the backbone's mode decides): the sequence length stays N; tokens get
+    fractional sizes through :func:`~dtem_lightning.merge.soft_grouping`, are re-sorted by size and the
+    active count drops by r per block. Everything in the soft step runs in float32, also under autocast.
+
+    Args:
+        k: candidate destinations per source (at least 1); a block with fewer destinations uses them all.
+        tau1: similarity temperature (finite, > 0).
+        tau2: selection temperature (finite, > 0).
+        soft_layout: ``official`` (default): the published training step — sources are the active patch
+            positions 0, 2, 4, … (the opposite parity of the hard split), destinations 1, 3, 5, …, and after
+            merging the sequence [all sources; all destinations] is stably re-sorted by size, so tied sizes keep
+            sources first. ``consistent``: the hard split of inference (:func:`~dtem_lightning.merge.
+            hard_split_offset`) also in training, tokens stably re-sorted by size from their own positions (an
+            ablation: one split in both regimes; its effect on accuracy is unmeasured).
+        r, prop_attn, trace_source, embed_dim, order: as :class:`DTEMHard`.
+    """
+
+    mode = "soft"
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        embed_dim: int | None = None,
+        order: str = "tome",
+        k: int = 3,
+        tau1: float = 0.1,
+        tau2: float = 0.1,
+        soft_layout: str = "official",
+    ) -> None:
+        super().__init__(
+            r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim, order=order
+        )
+        if isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be >= 1 candidate destinations, got k={k!r}")
+        for name, tau in (("tau1", tau1), ("tau2", tau2)):
+            if not (math.isfinite(tau) and tau > 0):
+                raise ValueError(f"{name} must be a finite temperature > 0, got {name}={tau!r}")
+        if soft_layout not in self.SOFT_LAYOUTS:
+            raise ValueError(f"soft_layout must be 'official' or 'consistent', got {soft_layout!r}")
+        self.k, self.tau1, self.tau2, self.soft_layout = k, tau1, tau2, soft_layout
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, tau1={self.tau1}, tau2={self.tau2}, soft_layout={self.soft_layout}"

@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import random
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,6 @@ from typing import Any, Literal, get_args
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -24,10 +22,9 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from dtem_lightning import flops, stats
-from dtem_lightning import merge as M
+from dtem_lightning import stats
+from dtem_lightning.encoder import MergingEncoder, parse_r, r_key, r_label
 from dtem_lightning.io import write_csv
-from dtem_lightning.patch import MergeBlock, apply_policy, num_tokens, use_policy
 from dtem_lightning.policy import MergePolicy, NoMerge
 
 
@@ -64,48 +61,6 @@ class CosineLR(torch.optim.lr_scheduler.LambdaLR):
 
 TrainMode = Literal["policy", "policy+head", "all"]
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
-
-
-def _stored_shape(path: str | Path, key: str) -> tuple[int, ...] | None:
-    """Shape of tensor ``key`` in a weights file (state dict, ``{"state_dict"|"model": ...}`` or safetensors)."""
-    if str(path).endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            return tuple(f.get_slice(key).get_shape()) if key in f.keys() else None
-    from dtem_lightning.io import load_weights_only
-
-    # Mapped, not read, where the format allows it (a legacy-format file is read: mmap would refuse it).
-    state = load_weights_only(path, "checkpoint_path", mmap=True)
-    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else {}
-    tensor = state.get(key)
-    return tuple(tensor.shape) if isinstance(tensor, Tensor) else None
-
-
-def _head_rows(path: str | Path) -> int | None:
-    """Classes of the classifier head (``head.weight``) stored in a weights file, if any."""
-    shape = _stored_shape(path, "head.weight")
-    return int(shape[0]) if shape is not None else None
-
-
-def _head_note(source: str, rows: int | None, kwargs: dict[str, Any]) -> str | None:
-    """The line "SOURCE has a K-class head but the model has N classes" when timm drops the weights' head, else
-    None (no head in the weights, or a model without a classifier head: ``num_classes`` 0)."""
-    num_classes = kwargs.get("num_classes")
-    if rows is None or not num_classes or rows == num_classes:
-        return None
-    return f"{source} has a {rows}-class head but the model has {num_classes} classes"
-
-
-def _weights_only_copy(path: str | Path) -> Path:
-    """Re-save a trusted pickled checkpoint's tensors to a temporary file that loads with weights_only=True."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict):
-        state = state.get("state_dict", state.get("model", state))
-    tensors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
-    out = Path(tempfile.mkdtemp(prefix="dtem_weights_")) / Path(path).with_suffix(".pth").name
-    torch.save(tensors, out)
-    return out
 
 
 def policy_label(policy: MergePolicy, trained: bool) -> str:
@@ -242,7 +197,6 @@ class BaseTask(L.LightningModule):
             raise FileNotFoundError(f"init_from {init_from!r} does not exist")
         self._init_from_loaded = False
         self._policy_trained = False  # its weights came from a checkpoint (ckpt_path, init_from) or a fit
-        self._dropped_head: str | None = None  # the weights' classifier head had another class count
         # Under LightningCLI the hyper-parameters are the config (class paths for components); from Python,
         # component objects are left out so checkpoints stay loadable with weights_only=True.
         from_cli = _given_hyperparameters.get() is not None
@@ -250,23 +204,30 @@ class BaseTask(L.LightningModule):
             ignore=[] if from_cli else ["policy", "optimizer", "lr_scheduler", "test_policies"]
         )
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.backbone = self.create_backbone()
-        patch, img = self.backbone.patch_embed.patch_size, self.backbone.patch_embed.img_size
-        if img is not None and (img[0] % patch[0] or img[1] % patch[1]):
-            raise ValueError(f"image size {tuple(img)} is not divisible by the patch size {tuple(patch)}")
-        self.policy = policy if policy is not None else NoMerge()
-        apply_policy(self.backbone, self.policy)
+        encoder = MergingEncoder(
+            backbone,
+            policy,
+            create_kwargs=self.backbone_create_kwargs(),
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            trust_checkpoint=trust_checkpoint,
+            weights_later=init_from is not None,
+        )
+        # The encoder is reached through this plain attribute; its parts are registered on the task under their
+        # own names, in this order, so state_dict keys and parameter order are those of every checkpoint.
+        object.__setattr__(self, "encoder", encoder)
+        self._dropped_head = encoder.dropped_head
+        self.backbone, self.policy = encoder.backbone, encoder.policy
         # Duplicates go before binding: a bound ToMe would keep reading keys through its hooks.
-        self.test_policies = nn.ModuleList(self._without_duplicates(list(test_policies or [])))
-        for p in self.test_policies:
-            p.bind(self.backbone)
-        use_policy(self.backbone, self.policy)
+        encoder.add_policies(self._without_duplicates(list(test_policies or [])))
+        self.test_policies = encoder.test_policies
         # The policy's own r, schedule included: ToMe(r=[8, 4, 0, 0]) is swept as that schedule.
         self.test_r = [self._check_r(r) for r in (test_r if test_r is not None else [self.policy.r])]
-        no_merge = [p for p in (self.policy, *self.test_policies) if isinstance(p, NoMerge)]
-        if not no_merge and not all(any(M.r_schedule(r, self.policy.depth)) for r in self.test_r):
-            self.test_policies.append(NoMerge())  # the r = 0 row (see sweep)
-            self.test_policies[-1].bind(self.backbone)
+        no_merge = [p for p in encoder.all_policies() if isinstance(p, NoMerge)]
+        if not no_merge and not all(any(encoder.schedule(r)) for r in self.test_r):
+            encoder.add_policies([NoMerge()])  # the r = 0 row (see sweep)
+        if self.traces_sources:
+            encoder.trace_sources()
         if freeze_backbone:
             self.backbone.requires_grad_(False)
         self.sweep_results: list[dict[str, Any]] = []
@@ -275,8 +236,8 @@ class BaseTask(L.LightningModule):
     def _check_r(self, r: int | list[int] | str) -> int | list[int]:
         """One ``test_r`` entry parsed and checked against the backbone's depth (errors name the entry)."""
         try:
-            r = M.parse_r(r)
-            M.r_schedule(r, self.policy.depth)
+            r = parse_r(r)
+            self.encoder.schedule(r)
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad test_r entry {r!r}: {e}") from None
         return r
@@ -301,72 +262,14 @@ class BaseTask(L.LightningModule):
         return kept
 
     # ------------------------------------------------------------------ model
+    traces_sources = False  # the encoder keeps each token's map to input patches (dense tasks unmerge)
+
     def backbone_create_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``timm.create_model``; subclasses add theirs (e.g. num_classes)."""
         kwargs = dict(self.hparams.backbone_kwargs or {})
         if self.hparams.img_size is not None:
             kwargs["img_size"] = self.hparams.img_size
         return kwargs
-
-    def create_backbone(self) -> nn.Module:
-        """Create the timm model, from the hub or a local weights file; nothing downloads unless asked."""
-        name, kwargs = self.hparams.backbone, self.backbone_create_kwargs()
-        if not timm.is_model(name):
-            raise ValueError(f"unknown backbone {name!r}: not a timm model name (see timm.list_models())")
-        if self.hparams.init_from is not None:  # its weights replace any others: nothing else to load
-            return timm.create_model(name, pretrained=False, **kwargs)
-        path = self.hparams.checkpoint_path
-        if path is not None:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"checkpoint_path {path!r} does not exist")
-            try:
-                rows = _head_rows(path)
-            except (
-                pickle.UnpicklingError
-            ) as e:  # io.PickledCodeError: a readable file that needs pickled code
-                if not self.hparams.trust_checkpoint:
-                    raise ValueError(
-                        f"{e}. If you trust the file, set --model.init_args.trust_checkpoint=true (command line or "
-                        "config; never taken from a checkpoint), or re-save it as safetensors"
-                    ) from e
-                path = _weights_only_copy(path)
-                rows = _head_rows(path)
-            self._check_patch_size(path, name, kwargs)
-            self._dropped_head = _head_note(f"checkpoint_path {self.hparams.checkpoint_path}", rows, kwargs)
-            overlay = {"file": str(path), "hf_hub_id": None, "url": None}
-            if rows is not None:  # timm keeps the file's head only when its class count matches the model's
-                overlay["num_classes"] = rows
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-        if self.hparams.pretrained:
-            hub_rows = getattr(timm.models.get_pretrained_cfg(name), "num_classes", None)
-            self._dropped_head = _head_note(f"the hub weights of {name}", hub_rows, kwargs)
-            try:
-                return timm.create_model(name, pretrained=True, **kwargs)
-            except Exception as e:  # network errors come in many types
-                raise RuntimeError(
-                    f"could not load pretrained weights of {name!r} ({type(e).__name__}: {e}). Without network "
-                    "access, download them elsewhere and pass --model.init_args.checkpoint_path=/path/to/file"
-                ) from e
-        return timm.create_model(name, pretrained=False, **kwargs)
-
-    def _check_patch_size(self, path: str | Path, name: str, kwargs: dict[str, Any]) -> None:
-        """Refuse a weights file whose patch embedding has another kernel than the model's.
-
-        timm would resample the file's patch embedding to the model's patch size without a word; weights
-        trained at one patch size are not weights of another.
-        """
-        stored = _stored_shape(path, "patch_embed.proj.weight")
-        if stored is None or len(stored) != 4:
-            return
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        own = tuple(model.patch_embed.proj.weight.shape)
-        if stored[-2:] != own[-2:]:
-            raise ValueError(
-                f"checkpoint_path {path} has patch size {stored[-2]}x{stored[-1]} (patch_embed.proj.weight "
-                f"{list(stored)}) but the model has {own[-2]}x{own[-1]} ({list(own)}): refusing to resample; "
-                f"set backbone_kwargs.patch_size={stored[-1]} or pass weights of the model's patch size"
-            )
 
     def check_new_head(self, stage: str) -> None:
         """Refuse a classifier head that timm started afresh (the weights have another class count) when nothing
@@ -411,13 +314,13 @@ class BaseTask(L.LightningModule):
             if isinstance(p, NoMerge):
                 out.append((i, label, p, 0))
                 continue
-            out += [(i, label, p, r) for r in self.test_r if any(M.r_schedule(r, p.depth))]
+            out += [(i, label, p, r) for r in self.test_r if any(self.encoder.schedule(r))]
         return out
 
     @staticmethod
     def sweep_key(i: int, r: int | list[int]) -> str:
         """Name of the metric collection of policy ``i`` at ``r`` (key-safe also for schedules)."""
-        return f"p{i}_r{M.r_key(r)}"
+        return f"p{i}_r{r_key(r)}"
 
     # ------------------------------------------------------------------ hooks for subclasses
     def metrics(self) -> MetricCollection:
@@ -438,7 +341,7 @@ class BaseTask(L.LightningModule):
 
     def gmacs(self, input_size: tuple[int, int, int]) -> float:
         """GMACs per image of the current model (backbone and policy; subclasses add their heads)."""
-        return flops.gmacs(self.backbone, input_size)
+        return self.encoder.gmacs(input_size)
 
     def input_size_of(self, batch: Any) -> tuple[int, int, int]:
         """(C, H, W) of the images in ``batch``."""
@@ -447,11 +350,11 @@ class BaseTask(L.LightningModule):
     def input_size_for_flops(self, trainer: L.Trainer) -> tuple[int, int, int]:
         """(C, H, W) the data module produces, else the backbone's own input size."""
         size = getattr(trainer.datamodule, "input_size", None)
-        return tuple(size) if size else (3, *self.backbone.patch_embed.img_size)
+        return tuple(size) if size else (3, *self.encoder.img_size)
 
     def num_input_tokens(self, input_size: tuple[int, int, int]) -> int:
         """Tokens entering block 0 for images of ``input_size``."""
-        return num_tokens(self.backbone, tuple(input_size[1:]))
+        return self.encoder.num_tokens(tuple(input_size[1:]))
 
     # ------------------------------------------------------------------ per-sample statistics (intervals)
     interval_metric: str | None = None  # metric column that gets paired intervals; None: the task has none
@@ -490,7 +393,7 @@ class BaseTask(L.LightningModule):
         for j, (i, _, p, r) in enumerate(entries):
             if i == owner or isinstance(p, NoMerge):
                 continue
-            match = [k for k, q, rr in refs if isinstance(q, NoMerge) or M.r_key(rr) == M.r_key(r)]
+            match = [k for k, q, rr in refs if isinstance(q, NoMerge) or r_key(rr) == r_key(r)]
             if match:
                 pairs[j] = match[0]
         return pairs
@@ -620,10 +523,8 @@ class BaseTask(L.LightningModule):
                 f"(epoch {self.current_epoch}, batch {batch_idx}); the last checkpoint is kept"
             )
         self.log("train/loss", loss, prog_bar=True, batch_size=self.batch_size_of(batch))
-        if self.policy.state.tokens:
-            self.log(
-                "train/tokens", float(self.policy.state.tokens[-1]), batch_size=self.batch_size_of(batch)
-            )
+        if tokens := self.encoder.last_token_counts:
+            self.log("train/tokens", float(tokens[-1]), batch_size=self.batch_size_of(batch))
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -750,8 +651,8 @@ class BaseTask(L.LightningModule):
             if self._input_size is not None:
                 with self.running(policy, r):
                     gf = self.gmacs(self._input_size)
-                    tokens = policy.token_counts(self.num_input_tokens(self._input_size))[-1]
-            row = {"policy": label, "r": M.r_label(r), "gflops": gf, "tokens": tokens, **values}
+                    tokens = self.encoder.token_counts(self.num_input_tokens(self._input_size))[-1]
+            row = {"policy": label, "r": r_label(r), "gflops": gf, "tokens": tokens, **values}
             self.sweep_results.append(row)
         notes = [self.label_note(), self._add_intervals(row_stats) if pairs else ""]
         self.sweep_note = "\n\n".join(n for n in notes if n)
@@ -776,12 +677,8 @@ class BaseTask(L.LightningModule):
     @contextmanager
     def running(self, policy: MergePolicy, r: int | list[int]) -> Iterator[None]:
         """Run the backbone with ``policy`` at reduction ``r`` (constant or schedule); own policy back afterwards."""
-        use_policy(self.backbone, policy)
-        try:
-            with policy.reduce(r):
-                yield
-        finally:
-            use_policy(self.backbone, self.policy)
+        with self.encoder.running(policy, r):
+            yield
 
     def batch_size_of(self, batch: Any) -> int:
         return len(batch[0])
@@ -855,9 +752,7 @@ class BaseTask(L.LightningModule):
         if self.training:
             for m in frozen:
                 m.eval()
-            for m in self.backbone.modules():
-                if isinstance(m, MergeBlock):
-                    m.training = True
+            self.encoder.set_merge_training(True)
         if frozen:  # intended: Lightning's note about modules in eval mode would only confuse
             warnings.filterwarnings(
                 "ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning

@@ -12,8 +12,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from dtem_lightning import flops
-from dtem_lightning.merge import SIZE_EPS
-from dtem_lightning.patch import active_policy
+from dtem_lightning.encoder import SIZE_EPS
 from dtem_lightning.tasks.base import BaseTask
 from dtem_lightning.text import CaptionMetrics, Vocabulary, meteor_missing
 
@@ -204,7 +203,7 @@ class CaptioningTask(BaseTask):
         self.vocab: Vocabulary | None = None
         self.decoder = CaptionDecoder(
             max(vocab_size, len(Vocabulary([]))),
-            self.backbone.embed_dim,
+            self.encoder.width,
             decoder_width,
             decoder_depth,
             decoder_heads,
@@ -217,7 +216,7 @@ class CaptioningTask(BaseTask):
             self.decoder.requires_grad_(False)
         # Only built when used, so checkpoints of captioners without it keep their exact keys.
         self.concept_head = (
-            nn.Linear(self.backbone.embed_dim, self.decoder.word_embed.num_embeddings)
+            nn.Linear(self.encoder.width, self.decoder.word_embed.num_embeddings)
             if concept_weight > 0
             else None
         )
@@ -260,9 +259,8 @@ class CaptioningTask(BaseTask):
     # ------------------------------------------------------------------ model
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Merged encoder tokens [B, n, C] and their sizes [B, n, 1] (None while nothing merged)."""
-        tokens = self.backbone.forward_features(images)
-        # The policy the backbone runs now (the sweep switches policies with use_policy).
-        return tokens, active_policy(self.backbone).state.size
+        out = self.encoder(images)  # with the policy in use (the sweep switches policies)
+        return out.tokens, out.size
 
     def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
         """Teacher-forced logits [B, T, V] of ``tokens`` [B, T] (BOS first) given ``images`` [B, 3, H, W]."""

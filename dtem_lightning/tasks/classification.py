@@ -54,10 +54,8 @@ class ClassificationTask(BaseTask):
         return {**super().backbone_create_kwargs(), "num_classes": self.num_classes}
 
     def head_modules(self) -> list[nn.Module]:
-        """timm's classifier head (what ``forward_head`` runs): attention pool if any, fc_norm, dropout, head."""
-        vit = self.backbone
-        parts = [getattr(vit, n, None) for n in ("attn_pool", "fc_norm", "head_drop", "head")]
-        return [m for m in parts if m is not None]
+        """The backbone's own classifier head (for timm: attention pool if any, fc_norm, dropout, head)."""
+        return self.encoder.head_modules()
 
     def metrics(self) -> MetricCollection:
         top5 = min(5, self.num_classes)
@@ -75,7 +73,8 @@ class ClassificationTask(BaseTask):
         return (preds.argmax(-1) == target).long()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.backbone(x)
+        """Logits [B, K] of images [B, 3, H, W]: the merging encoder, then the backbone's own head."""
+        return self.encoder.forward_head(self.encoder(x))
 
     def predict_rows(self, batch: Any) -> list[dict[str, Any]]:
         """Predicted class, its softmax probability and the folder's class of each image."""
@@ -105,9 +104,14 @@ class ClassificationTask(BaseTask):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         # docs/design.md §8: merging after the last attention cannot change the class token.
-        token_head = self.backbone.global_pool == "token"
-        if token_head and self.policy.schedule[-1] and any(p.requires_grad for p in self.policy.parameters()):
+        last = self.encoder.depth - 1
+        token_head = self.encoder.global_pool == "token"
+        if (
+            token_head
+            and self.encoder.schedule()[-1]
+            and any(p.requires_grad for p in self.policy.parameters())
+        ):
             self.print(
-                f"note: block {self.policy.depth - 1} merges after the last attention, which the class token "
-                f"never sees: policy.embed.{self.policy.depth - 1} gets no gradient and keeps its initialisation"
+                f"note: block {last} merges after the last attention, which the class token never sees: "
+                f"policy.embed.{last} gets no gradient and keeps its initialisation"
             )

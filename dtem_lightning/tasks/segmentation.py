@@ -19,7 +19,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from dtem_lightning import flops, stats
 from dtem_lightning.data.segmentation import IGNORE_INDEX, colorize, default_palette
 from dtem_lightning.io import save_image, write_csv
-from dtem_lightning.patch import active_policy
 from dtem_lightning.tasks.base import BaseTask
 
 DECODERS = ("linear", "mask_transformer")
@@ -113,9 +112,9 @@ class _Inference(nn.Module):
 class SegmentationTask(BaseTask):
     """Semantic segmentation (Segmenter) with a merging ViT encoder.
 
-    Modifications of the plain Segmenter forward: the policy traces sources (``trace_source`` is switched on
-    for the task's policy and every test policy), and after the encoder :meth:`MergePolicy.unmerge` copies every
-    merged token back to each patch it covers, so the decoder always sees the full h × w patch grid. The
+    Modifications of the plain Segmenter forward: the encoder traces sources (``trace_source`` is switched on
+    for the task's policy and every test policy), and :meth:`~dtem_lightning.encoder.Encoded.patch_grid` copies
+    every merged token back to each patch it covers, so the decoder always sees the full h × w patch grid. The
     encoder is created with ``dynamic_img_size=True``: any input side divisible by the patch size works
     (position embeddings resampled the timm way); other sizes are padded. Evaluation images larger than the
     window (``window_size``, default the training crop) are segmented with overlapping sliding windows whose
@@ -159,20 +158,17 @@ class SegmentationTask(BaseTask):
             raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         self.num_classes = num_classes
         super().__init__(**kwargs)
-        for p in [self.policy, *self.test_policies]:
-            p.trace_source = True
-        vit = self.backbone
-        C = vit.embed_dim
+        C = self.encoder.width
         if decoder == "linear":
             self.decoder = LinearDecoder(C, num_classes)
         else:
-            heads = decoder_heads or vit.blocks[0].attn.num_heads
+            heads = decoder_heads or self.encoder.num_heads
             self.decoder = MaskTransformer(
                 C, num_classes, decoder_dim or C, decoder_depth, heads, drop_path=decoder_drop_path,
                 dropout=decoder_dropout,
             )  # fmt: skip
-        self.patch = tuple(vit.patch_embed.patch_size)
-        crop = self.hparams.img_size or vit.patch_embed.img_size[0]
+        self.patch = self.encoder.patch_size
+        crop = self.hparams.img_size or self.encoder.img_size[0]
         self.window = window_size or crop
         stride = window_stride or max(
             self.patch[0], round(self.window * 2 / 3 / self.patch[0]) * self.patch[0]
@@ -186,6 +182,8 @@ class SegmentationTask(BaseTask):
         self.class_names = list(class_names) if class_names else None
         self.class_iou: list[dict[str, Any]] = []
 
+    traces_sources = True  # the decoder reads every patch: merged tokens are copied back (unmerged)
+
     def backbone_create_kwargs(self) -> dict[str, Any]:
         return {**super().backbone_create_kwargs(), "num_classes": 0, "dynamic_img_size": True}
 
@@ -197,11 +195,7 @@ class SegmentationTask(BaseTask):
     # ------------------------------------------------------------------ model
     def encode(self, x: Tensor) -> Tensor:
         """Images [B, 3, H, W] (sides divisible by the patch) -> patch features [B, h·w, C] on the full grid."""
-        tokens = self.backbone.forward_features(x)  # [B, n, C] after merging
-        policy = active_policy(self.backbone)  # the policy in use (the r-sweep switches policies)
-        if policy.state.size is not None:  # merged: hard (fewer tokens) or soft (fractional sizes)
-            tokens = policy.unmerge(tokens)  # [B, N0, C]
-        return tokens[:, self.backbone.num_prefix_tokens :]
+        return self.encoder(x).patch_grid()
 
     def encode_decode(self, x: Tensor) -> Tensor:
         """Logits [B, K, H, W] of images [B, 3, H, W]; H and W must be divisible by the patch size."""
