@@ -13,7 +13,8 @@ from torch import nn
 
 from dtem_lightning.data.captions import Flickr8kDataModule, split_by_name
 from dtem_lightning.policy import DTEMHard, NoMerge, ToMe
-from dtem_lightning.tasks.captioning import CaptioningTask, git_attention_mask
+from dtem_lightning.tasks.captioning import CaptioningTask
+from dtem_lightning.tasks.decoders import git_attention_mask
 from dtem_lightning.text import SPECIALS, CaptionMetrics, Vocabulary, bleu, cider_d, rouge_l, tokenize
 
 CAPTIONS = ["a dog runs on the grass .", "a man sits on a red bench", "two dogs play with a ball", "a dog ."]

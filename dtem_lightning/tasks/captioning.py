@@ -7,119 +7,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from dtem_lightning import flops
-from dtem_lightning.encoder import SIZE_EPS
 from dtem_lightning.tasks.base import BaseTask
+from dtem_lightning.tasks.decoders import CaptionDecoder
 from dtem_lightning.text import CaptionMetrics, Vocabulary, meteor_missing
-
-
-def git_attention_mask(num_visual: int, num_text: int, size: Tensor | None = None) -> Tensor:
-    """GIT's attention mask over [visual; text] with the proportional-attention bias on visual key columns.
-
-    Visual queries see every visual key and no text key; text query t sees every visual key and text keys
-    0..t (causal). Allowed entries are 0 (or log(size + eps) on visual columns), forbidden ones -inf.
-
-    Args:
-        num_visual: visual tokens n.
-        num_text: text tokens T.
-        size: [B, n, 1] token sizes of the merged visual tokens, or None (all 1: no bias).
-
-    Returns:
-        float32 mask [B or 1, 1, n + T, n + T], added to the attention logits.
-    """
-    L = num_visual + num_text
-    device = size.device if size is not None else None
-    allowed = torch.zeros(L, L, dtype=torch.bool, device=device)
-    allowed[:, :num_visual] = True
-    allowed[num_visual:, num_visual:] = torch.ones(num_text, num_text, dtype=torch.bool, device=device).tril()
-    mask = torch.zeros(L, L, device=device).masked_fill(~allowed, float("-inf"))[None, None]
-    if size is None:
-        return mask
-    bias = torch.zeros(size.shape[0], 1, 1, L, device=device)
-    bias[..., :num_visual] = torch.log(size.float()[:, None, None, :, 0] + SIZE_EPS)
-    return mask + bias
-
-
-class CaptionDecoder(nn.Module):
-    """GIT's text decoder: one pre-norm transformer over [projected visual tokens; embedded caption tokens].
-
-    Args:
-        vocab_size: output classes (words and special tokens).
-        visual_dim: width of the encoder's tokens.
-        width: transformer width.
-        depth: transformer blocks.
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width / width.
-        max_len: longest text sequence (BOS + words).
-        dropout: dropout on embeddings, attention and MLP outputs.
-        tie_embeddings: share the word embedding with the output projection.
-    """
-
-    def __init__(
-        self,
-        vocab_size: int,
-        visual_dim: int,
-        width: int = 768,
-        depth: int = 6,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        max_len: int = 40,
-        dropout: float = 0.1,
-        tie_embeddings: bool = True,
-    ) -> None:
-        super().__init__()
-        self.visual_proj = nn.Sequential(nn.Linear(visual_dim, width), nn.LayerNorm(width))
-        self.word_embed = nn.Embedding(vocab_size, width)
-        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, width))
-        self.embed_norm = nn.LayerNorm(width)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, attn_drop=dropout)
-            for _ in range(depth)
-        )
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, vocab_size)
-        self.tie_embeddings = tie_embeddings
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.word_embed.weight, std=0.02)
-        if tie_embeddings:
-            self.head.weight = self.word_embed.weight
-        self.max_len = max_len
-
-    def resize_vocab(self, vocab_size: int) -> None:
-        """New (re-initialised) word embedding and output layer for ``vocab_size`` tokens."""
-        p = self.head.weight
-        self.word_embed = nn.Embedding(vocab_size, p.shape[1], device=p.device, dtype=p.dtype)
-        nn.init.normal_(self.word_embed.weight, std=0.02)
-        self.head = nn.Linear(p.shape[1], vocab_size, device=p.device, dtype=p.dtype)
-        if self.tie_embeddings:
-            self.head.weight = self.word_embed.weight
-
-    def forward(self, visual: Tensor, size: Tensor | None, tokens: Tensor) -> Tensor:
-        """Next-token logits.
-
-        Args:
-            visual: [B, n, C_enc] encoder tokens.
-            size: [B, n, 1] their sizes, or None (all 1).
-            tokens: [B, T] input ids (BOS first), T <= max_len.
-
-        Returns:
-            logits [B, T, V] at the text positions.
-        """
-        n, T = visual.shape[1], tokens.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"text of {T} tokens exceeds the decoder's max_len={self.max_len}")
-        v = self.visual_proj(visual)
-        t = self.embed_norm(self.word_embed(tokens) + self.pos_embed[:, :T])
-        x = self.drop(torch.cat([v, t.to(v.dtype)], dim=1))
-        mask = git_attention_mask(n, T, size).to(device=x.device, dtype=x.dtype)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=mask)
-        return self.head(self.norm(x[:, n:]))
 
 
 class _FlopsProbe(nn.Module):

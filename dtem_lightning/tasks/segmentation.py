@@ -10,8 +10,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -20,82 +18,7 @@ from dtem_lightning import flops, stats
 from dtem_lightning.data.segmentation import IGNORE_INDEX, colorize, default_palette
 from dtem_lightning.io import save_image, write_csv
 from dtem_lightning.tasks.base import BaseTask
-
-DECODERS = ("linear", "mask_transformer")
-
-
-class LinearDecoder(nn.Module):
-    """Segmenter's linear decoder: one Linear from patch features to class logits.
-
-    Args:
-        in_dim: encoder width.
-        num_classes: classes.
-    """
-
-    def __init__(self, in_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.head = nn.Linear(in_dim, num_classes)
-
-    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Patch features [B, h·w, C] -> logits [B, K, h, w]."""
-        B = x.shape[0]
-        return self.head(x).transpose(1, 2).reshape(B, -1, *grid)
-
-
-class MaskTransformer(nn.Module):
-    """Segmenter's mask transformer: learnable class embeddings attend jointly with the patches.
-
-    The patch features are projected to ``dim``, concatenated with K class embeddings, passed through
-    ``depth`` transformer blocks; the masks are the scalar products of the L2-normalised, projected patch and
-    class features, followed by a LayerNorm over classes (Strudel et al., ICCV 2021).
-
-    Args:
-        in_dim: encoder width.
-        num_classes: classes (K).
-        dim: decoder width.
-        depth: transformer blocks.
-        num_heads: attention heads.
-        mlp_ratio: MLP hidden width / ``dim``.
-        drop_path: stochastic depth rate (linearly increasing over the blocks).
-        dropout: dropout after attention/MLP projections.
-    """
-
-    def __init__(
-        self,
-        in_dim: int,
-        num_classes: int,
-        dim: int,
-        depth: int = 2,
-        num_heads: int = 6,
-        mlp_ratio: float = 4.0,
-        drop_path: float = 0.0,
-        dropout: float = 0.1,
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.proj_in = nn.Linear(in_dim, dim)
-        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
-        self.blocks = nn.ModuleList(
-            Block(dim, num_heads, mlp_ratio, qkv_bias=True, proj_drop=dropout, drop_path=dp) for dp in rates
-        )
-        self.cls_emb = nn.Parameter(torch.zeros(1, num_classes, dim))
-        self.norm = nn.LayerNorm(dim)
-        self.proj_patch = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
-        self.proj_classes = nn.Parameter(dim**-0.5 * torch.randn(dim, dim))
-        self.mask_norm = nn.LayerNorm(num_classes)
-        trunc_normal_(self.cls_emb, std=0.02)
-
-    def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Patch features [B, h·w, C] -> logits [B, K, h, w]."""
-        B, n, _ = x.shape
-        x = torch.cat([self.proj_in(x), self.cls_emb.expand(B, -1, -1)], dim=1)  # [B, n + K, D]
-        for blk in self.blocks:
-            x = blk(x)
-        x = self.norm(x)
-        patches = F.normalize(x[:, :n] @ self.proj_patch, dim=-1)
-        classes = F.normalize(x[:, n:] @ self.proj_classes, dim=-1)
-        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # [B, n, K]
-        return masks.transpose(1, 2).reshape(B, self.num_classes, *grid)
+from dtem_lightning.tasks.decoders import DECODERS, LinearDecoder, MaskTransformer
 
 
 class _Inference(nn.Module):
