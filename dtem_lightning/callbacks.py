@@ -13,7 +13,9 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dtem_lightning.io import atomic_write, write_csv, write_text
 
@@ -344,7 +346,7 @@ class FinalCheckpoint(L.Callback):
     callback. Each checkpoint callback with ``save_last`` rewrites its ``last.ckpt`` (its best-by-metric files
     are untouched; with ``save_last: link`` the link is replaced by a file); when none has ``save_last``, the
     first checkpoint callback's folder gets one. A fit that stops on an exception writes nothing here (the last
-    good checkpoint is kept).
+    good checkpoint is kept), except on SIGTERM (:meth:`on_exception`): that stop is a resumable pause.
 
     It also makes sure the final weights are validated: a fit that reaches ``max_steps`` in mid-epoch would
     stop without validating them, so at that step it asks the trainer to stop, which runs validation first.
@@ -357,6 +359,24 @@ class FinalCheckpoint(L.Callback):
         if 0 < trainer.max_steps <= trainer.global_step and trainer.enable_validation:
             # Lightning validates before it stops on should_stop (not when it stops on max_steps).
             trainer.should_stop = True
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        """On SIGTERM during a fit (pre-emption, ``docker stop``) write ``last.ckpt`` as the end of a fit does.
+
+        Lightning stops at the end of the current batch by raising ``SIGTERMException``, a ``SystemExit`` that
+        would exit 0 without a checkpoint. The checkpoint holds the mid-epoch state, so it resumes; the step and
+        its path are recorded on the exception for the CLI, which exits 143. Nothing is written before the first
+        step; any other exception writes nothing (the last good checkpoint is kept).
+        """
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        exception.dtem_step = trainer.global_step  # type: ignore[attr-defined]
+        if trainer.global_step == 0:
+            return
+        paths = [cb.last_model_path for cb in self._write_last(trainer) if cb.last_model_path]
+        exception.dtem_checkpoint = paths[0] if paths else None  # type: ignore[attr-defined]
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epochs = trainer.fit_loop.epoch_progress.current.processed
@@ -371,8 +391,15 @@ class FinalCheckpoint(L.Callback):
                 f"{trainer.max_steps} steps (the data set has fewer batches than the config expects): raise "
                 "--trainer.max_epochs (or set it to -1) to train for max_steps"
             )
+        self._write_last(trainer)
+
+    @staticmethod
+    def _write_last(trainer: L.Trainer) -> list[ModelCheckpoint]:
+        """Rewrite ``last.ckpt`` of each checkpoint callback with ``save_last`` (else the first one's); returns
+        the callbacks written."""
         callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
-        for cb in [cb for cb in callbacks if cb.save_last] or callbacks[:1]:
+        written = [cb for cb in callbacks if cb.save_last] or callbacks[:1]
+        for cb in written:
             saves_last = cb.save_last
             cb.save_last = True  # also for "link": a real file, the best checkpoint stays as it is
             try:
@@ -381,3 +408,4 @@ class FinalCheckpoint(L.Callback):
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
             finally:
                 cb.save_last = saves_last
+        return written

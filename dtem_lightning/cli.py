@@ -16,7 +16,6 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 # Imported so YAML can name them by short class path (ClassificationTask, DTEMSoft, ImageFolderDataModule...).
@@ -93,7 +92,6 @@ class DTEMCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no user plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.append(CheckpointOnSigterm())
         return trainer
 
     def before_fit(self) -> None:
@@ -304,30 +302,6 @@ def check_results_folder(trainer: L.Trainer, subcommand: str) -> None:
                 f"{folder} already holds the results of an earlier {subcommand} ({', '.join(found)}): remove it, or "
                 "choose another --trainer.logger.init_args.version (unset: a new version_N folder)"
             )
-
-
-class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM during a fit (pre-emption, ``docker stop``), write ``last.ckpt`` before the process exits.
-
-    Lightning stops the loop at the end of the current batch by raising ``SIGTERMException``, a ``SystemExit``
-    that would exit 0 without a checkpoint; this writes ``last.ckpt`` as the end of a fit does
-    (:class:`~dtem_lightning.callbacks.FinalCheckpoint`, mid-epoch state included, so it resumes) and records its
-    path on the exception for :func:`main`, which exits 143. Nothing is written before the first step.
-    """
-
-    def on_exception(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
-    ) -> None:
-        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
-            return
-        exception.dtem_step = trainer.global_step  # type: ignore[attr-defined]
-        if trainer.global_step == 0:
-            return
-        FinalCheckpoint().on_train_end(trainer, pl_module)
-        paths = [
-            cb.last_model_path for cb in trainer.checkpoint_callbacks if getattr(cb, "last_model_path", "")
-        ]
-        exception.dtem_checkpoint = paths[0] if paths else None  # type: ignore[attr-defined]
 
 
 def _note(message: str) -> None:
