@@ -371,3 +371,12 @@ def test_seeded_dataset_is_independent_of_global_rng():
     state = torch.get_rng_state()
     assert torch.equal(ds[(1, 123)], a) and not torch.equal(ds[(1, 124)], a)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left as it was
+
+
+def test_thin_keeps_an_evenly_spaced_subset_in_order():
+    """max_per_class's rule, shared by class folders, segmentation splits and caption splits."""
+    from dtem_lightning.data.store import thin
+
+    assert thin(list(range(10)), 4) == [0, 2, 5, 7]
+    assert thin(list(range(10)), None) == list(range(10)) == thin(list(range(10)), 10)
+    assert thin(["a", "b", "c"], 1) == ["a"]

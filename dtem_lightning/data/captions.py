@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
 from dtem_lightning.data.checks import check_images
 from dtem_lightning.data.folder import ImageTree
+from dtem_lightning.data.store import thin
 from dtem_lightning.text import Vocabulary
 
 Sample = tuple[str, list[str]]  # (image name for ImageTree.load, reference captions)
@@ -174,10 +175,7 @@ class CaptionDataModule(BaseDataModule):
         return ""
 
     def _limit(self, samples: list[Sample]) -> list[Sample]:
-        k = self.max_per_class
-        if k is None or len(samples) <= k:
-            return samples
-        return [samples[i * len(samples) // k] for i in range(k)]
+        return thin(samples, self.max_per_class)
 
     def read_text(self, name: str) -> str:
         """A text file under ``root`` (a member name for zip roots); ``.gz`` files are decompressed."""

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
 from dtem_lightning.data.checks import check_images
-from dtem_lightning.data.store import DataRoot
+from dtem_lightning.data.store import DataRoot, thin
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 SPLITS = ("train", "val", "test")
@@ -269,10 +269,7 @@ class ImageFolderDataModule(BaseDataModule):
             files = self.tree.files(split, cls)
             if not files:
                 empty.append(self.tree.path(split, cls))
-            if self.max_per_class is not None and len(files) > self.max_per_class:
-                k = self.max_per_class
-                files = [files[i * len(files) // k] for i in range(k)]
-            samples += [(f, label) for f in files]
+            samples += [(f, label) for f in thin(files, self.max_per_class)]
         if not samples:
             raise ValueError(
                 f"{self.tree.path(split)} has no images (extensions {', '.join(IMG_EXTENSIONS)})"

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from dtem_lightning.data.base import BaseDataModule
 from dtem_lightning.data.checks import check_images
 from dtem_lightning.data.folder import IMG_EXTENSIONS, to_rgb
-from dtem_lightning.data.store import DataRoot
+from dtem_lightning.data.store import DataRoot, thin
 
 IGNORE_INDEX = 255  # every data module maps its dataset's void/ignore value to this label
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".bmp")  # lossless formats only: JPEG would blur class values
@@ -604,10 +604,7 @@ class SegmentationDataModule(BaseDataModule):
         else:
             listing = self._listing(*self.folders[split])
             stems = sorted(listing)
-        if self.max_per_class is not None and len(stems) > self.max_per_class:
-            k = self.max_per_class
-            stems = [stems[i * len(stems) // k] for i in range(k)]
-        return [listing[s] for s in stems]
+        return [listing[s] for s in thin(stems, self.max_per_class)]
 
     def check_values(self, split: str, pairs: list[tuple[str, str]]) -> None:
         """Read up to ``SCAN_FILES`` label maps of a split and refuse surprising values.

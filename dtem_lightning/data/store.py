@@ -5,8 +5,20 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections.abc import Sequence
+from typing import TypeVar
 
 from PIL import Image
+
+T = TypeVar("T")
+
+
+def thin(items: Sequence[T], k: int | None) -> list[T]:
+    """At most ``k`` of ``items``, evenly spaced in their order (all of them when ``k`` is None or large enough):
+    what ``max_per_class`` keeps of a class folder or a split, the same subset on every run."""
+    if k is None or len(items) <= k:
+        return list(items)
+    return [items[i * len(items) // k] for i in range(k)]
 
 
 class DataRoot:
