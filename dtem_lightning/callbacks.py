@@ -405,6 +405,7 @@ class FinalCheckpoint(L.Callback):
             try:
                 # Lightning's own writer: the version counter, last_model_path and removal of the old file; it
                 # writes a temporary file and renames it over last.ckpt (also over a link to the best file).
+                # Private methods, pinned by tests/test_pins.py.
                 cb._save_last_checkpoint(trainer, cb._monitor_candidates(trainer))
             finally:
                 cb.save_last = saves_last

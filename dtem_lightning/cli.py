@@ -95,7 +95,9 @@ class DTEMCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        check_run_folder(self.trainer, self._get(self.config_init, "ckpt_path"))
+        check_run_folder(
+            self.trainer, self.config_init.get(str(self.subcommand), self.config_init).get("ckpt_path")
+        )
 
     def before_test(self) -> None:
         check_results_folder(self.trainer, "test")
@@ -221,7 +223,9 @@ class DTEMCLI(LightningCLI):
         )
 
     def _parse_ckpt_path(self) -> None:
-        """Lightning re-applies checkpoint hparams over the parsed config here; ours are defaults already."""
+        """Lightning re-applies checkpoint hparams over the parsed config here; ours are defaults already.
+
+        A private Lightning method (as is ``_subcommand_parsers``), pinned by tests/test_pins.py."""
 
 
 def checkpoint_dirs(trainer: L.Trainer) -> list[Path]:

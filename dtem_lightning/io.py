@@ -21,7 +21,6 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from PIL import Image
 
 
@@ -102,7 +101,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def load_checkpoint(
-        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
         """The checkpoint at the local ``path``, loaded with ``weights_only=True`` whatever ``weights_only`` says.
 
@@ -116,7 +115,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         )
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
