@@ -248,6 +248,21 @@ define seg_seed
 
 endef
 
+# Training-free policies of issue 20 beside the trained embedding: one sweep of the seed-SEED test split with NoMerge,
+# ToMe, DTEM (trained / untrained) and PiToMe and ToFu at their papers' defaults (nothing tuned), intervals against ToMe.
+COMPARE_SEED ?= 0
+COMPARE_SEG_R ?= [16, 20, 24]
+COMPARE_POLICIES := --model.init_args.test_policies+=PiToMe --model.init_args.test_policies+=ToFu
+.PHONY: compare-seg
+
+compare-seg: $(VENV)/.installed ## CamVid: PiToMe and ToFu rows beside DTEM and ToMe (needs replicate-seg's seed fit; ~15 min)
+	rm -rf runs/camvid_dtem/compare$(COMPARE_SEED)
+	$(DTEM) test $(SEG_DTEM) --seed_everything=$(COMPARE_SEED) \
+		--ckpt_path=runs/camvid_dtem/seed$(COMPARE_SEED)/checkpoints/last.ckpt $(COMPARE_POLICIES) \
+		'--model.init_args.test_r=$(COMPARE_SEG_R)' --trainer.logger.init_args.version=compare$(COMPARE_SEED)
+	$(PY) experiments/collect.py seed$(COMPARE_SEED)=runs/camvid_dtem/compare$(COMPARE_SEED)/sweep.csv --metric miou \
+		--out results/compare-seg
+
 replicate-seg: $(VENV)/.installed ## CamVid: headroom (val), modular DTEM x3 seeds, test sweeps with intervals, pictures (~35 min)
 	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_HEADROOM_R) \
 		--out $(SEG_RESULTS)/headroom.md

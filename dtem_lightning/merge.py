@@ -311,3 +311,129 @@ def patch_groups(source: Tensor, num_prefix: int) -> Tensor:
         [B, N0 - num_prefix] long; patches with the same value were merged into one token.
     """
     return source[:, :, num_prefix:].argmax(dim=1)
+
+
+# ---------------------------------------------------------------------- pair-based merging (PiToMe, ToFu)
+def bipartite_pairs(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's matching (:func:`bipartite_matching`) as index pairs, for policies that merge differently.
+
+    Args:
+        metric: [B, N, C] similarity features.
+        r: sources to merge away, capped at (N - num_prefix) // 2.
+        num_prefix: leading tokens that never merge.
+
+    Returns:
+        ``src`` [B, r] and ``dst`` [B, r] patch indices (0 = the first patch token) of the merged pairs, and
+        ``keep`` [B, Np - r]: the patch indices of the output tokens in ToMe's order (unmerged sources, then
+        destinations, each in their original order).
+    """
+    B, N, _ = metric.shape
+    off, num_patch = hard_split_offset(num_prefix), N - num_prefix
+    r = capped_r(r, num_patch)
+    src_pos = torch.arange(1 - off, num_patch, 2, device=metric.device)
+    dst_pos = torch.arange(off, num_patch, 2, device=metric.device)
+    with torch.no_grad():
+        m = normalize(metric[:, num_prefix:].float())
+        if len(dst_pos):
+            best, best_dst = (m[:, src_pos] @ m[:, dst_pos].transpose(1, 2)).max(dim=-1)
+        else:
+            best = m.new_zeros(B, len(src_pos))
+            best_dst = torch.zeros(B, len(src_pos), dtype=torch.long, device=m.device)
+        order = best.argsort(dim=-1, descending=True)
+        kept = order[:, r:].sort(dim=-1).values
+        src, dst = src_pos[order[:, :r]], dst_pos[best_dst.gather(1, order[:, :r])]
+    keep = torch.cat([src_pos[kept], dst_pos.expand(B, -1)], dim=1)
+    return src, dst, keep
+
+
+def energy_pairs(
+    metric: Tensor, r: int, num_prefix: int, margin: float, alpha: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PiToMe's selection (Tran et al., NeurIPS 2024, §3): merge inside the 2r highest-energy patch tokens.
+
+    The energy of patch token i is the mean over all patch tokens j of f(cos(m_i, m_j)), with f(s) = s for
+    s >= ``margin`` and alpha (exp(s - margin) - 1) below it: tokens in large clusters of similar tokens score
+    high (redundant, merged), isolated ones low (informative, protected). The 2r highest-energy tokens, in
+    energy order, alternate into sources (even ranks) and destinations (odd ranks); every source merges into
+    its most similar destination.
+
+    Args:
+        metric: [B, N, C] similarity features.
+        r: sources to merge away, capped at (N - num_prefix) // 2.
+        num_prefix: leading tokens that never merge.
+        margin: the similarity above which f is linear.
+        alpha: the scale of f below the margin.
+
+    Returns:
+        ``src`` [B, r], ``dst`` [B, r] patch indices of the merged pairs and ``keep`` [B, Np - r]: the other
+        patch indices in their original order.
+    """
+    num_patch = metric.shape[1] - num_prefix
+    r = capped_r(r, num_patch)
+    with torch.no_grad():
+        m = normalize(metric[:, num_prefix:].float())
+        sim = m @ m.transpose(1, 2)  # [B, Np, Np]
+        f = torch.where(sim >= margin, sim, alpha * (torch.exp(sim - margin) - 1))
+        energy = f.mean(-1)
+        ranked = energy.argsort(dim=-1, descending=True, stable=True)
+        src_all, dst_all = ranked[:, : 2 * r : 2], ranked[:, 1 : 2 * r : 2]  # [B, r] each
+        pair_sim = sim.gather(1, src_all[..., None].expand(-1, -1, num_patch)).gather(
+            2, dst_all[:, None, :].expand(-1, r, -1)
+        )
+        dst = dst_all.gather(1, pair_sim.argmax(-1)) if r else dst_all
+        gone = torch.zeros_like(energy, dtype=torch.bool).scatter(1, src_all, True)
+        keep = (~gone).nonzero()[:, 1].view(metric.shape[0], num_patch - r)
+    return src_all, dst, keep
+
+
+def _into_dst(v: Tensor, src: Tensor, dst: Tensor, reduce: str) -> Tensor:
+    """v [B, Np, D] with the rows ``src`` [B, r] reduced into the rows ``dst`` [B, r] (sources left as they are)."""
+    d = v.shape[-1]
+    return v.scatter_reduce(
+        1, dst[..., None].expand(-1, -1, d), v.gather(1, src[..., None].expand(-1, -1, d)), reduce
+    )
+
+
+def _rows(v: Tensor, idx: Tensor) -> Tensor:
+    """The rows ``idx`` [B, n] of v [B, N, D]."""
+    return v.gather(1, idx[..., None].expand(-1, -1, v.shape[-1]))
+
+
+def merge_pairs(
+    x: Tensor, size: Tensor, src: Tensor, dst: Tensor, keep: Tensor, num_prefix: int, how: str = "mean"
+) -> tuple[Tensor, Tensor]:
+    """Merge patch tokens ``src`` into ``dst`` and keep the tokens ``keep``, in that order, after the prefix.
+
+    ``how``: ``mean`` — size-weighted average (ToMe's rule); ``prune`` — the destination keeps its feature, the
+    sources' features are dropped (their sizes still add, so every input patch stays covered); ``mlerp`` —
+    ToFu's norm-preserving merge (Kim et al., WACV 2024): the size-weighted average rescaled to the largest norm
+    among the tokens merged into it.
+
+    Args:
+        x: [B, N, C] tokens; size: [B, N, 1] sizes.
+        src, dst: [B, r] patch indices (0 = first patch token); ``keep``: [B, Np - r] patch indices of the output.
+        num_prefix: prefix tokens, kept first and never merged.
+
+    Returns:
+        tokens [B, P + Np - r, C] and sizes [B, P + Np - r, 1].
+    """
+    if how not in ("mean", "prune", "mlerp"):
+        raise ValueError(f"how must be 'mean', 'prune' or 'mlerp', got {how!r}")
+    P = num_prefix
+    xp, sp = x[:, P:], size[:, P:].to(x.dtype)
+    new_size = _into_dst(sp, src, dst, "sum")
+    out = xp
+    if how != "prune":
+        out = _into_dst(xp * sp, src, dst, "sum") / new_size
+    if how == "mlerp":
+        top = _into_dst(xp.norm(dim=-1, keepdim=True), src, dst, "amax")
+        out = out * (top / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return torch.cat([x[:, :P], _rows(out, keep)], 1), torch.cat(
+        [size[:, :P], _rows(new_size, keep).to(size.dtype)], 1
+    )
+
+
+def merge_pair_sources(source: Tensor, src: Tensor, dst: Tensor, keep: Tensor, num_prefix: int) -> Tensor:
+    """Carry a source map [B, N, N0] through :func:`merge_pairs` (rows of sources add to their destinations)."""
+    P = num_prefix
+    return torch.cat([source[:, :P], _rows(_into_dst(source[:, P:], src, dst, "sum"), keep)], 1)

@@ -90,6 +90,8 @@ class MergePolicy(nn.Module):
     """
 
     display_name: str | None = None  # row name in sweep tables (default: the class name)
+    mode = "hard"  # what train mode does: "hard", or "soft" (DTEM's relaxation; needs init_soft's parameters)
+    SOFT_LAYOUTS = ("official", "consistent")
 
     def __init__(
         self, r: int | list[int] = 0, prop_attn: PropAttn = True, trace_source: bool = False
@@ -218,7 +220,10 @@ class MergePolicy(nn.Module):
         return None
 
     def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
-        """Hard bipartite merging of ``x`` [B, N, C] -> [B, N - r, C]; sizes and sources follow."""
+        """Hard bipartite merging of ``x`` [B, N, C] -> [B, N - r, C]; sizes and sources follow. In train mode a
+        policy whose ``mode`` is ``soft`` merges softly instead (docs/design.md §5): N stays, sizes change."""
+        if self.mode == "soft" and self.state.training:
+            return self._soft_merge(layer, x, metric)
         r = self.schedule[layer] if self.schedule else 0
         if metric is None or r == 0:
             self.state.tokens.append(x.shape[1])
@@ -229,101 +234,6 @@ class MergePolicy(nn.Module):
             self.state.source = merge(self.state.source, "sum")
         self.state.active = x.shape[1]
         self.state.tokens.append(x.shape[1])
-        return x
-
-    def pool_avg(self, x: Tensor) -> Tensor:
-        """Size-weighted mean of the patch tokens of x [B, N, C] -> [B, C]."""
-        s = self.size(x)[:, self.num_prefix :]
-        return (x[:, self.num_prefix :] * s).sum(1) / s.sum(1)
-
-    def unmerge(self, x: Tensor) -> Tensor:
-        """Copy tokens back to the input patch grid: [B, n, C] -> [B, N0, C] (prefix positions included)."""
-        if self.state.source is None:
-            raise RuntimeError("unmerge needs a policy created with trace_source=True")
-        return M.unmerge_tokens(x, self.state.source)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
-
-
-class NoMerge(MergePolicy):
-    """The unmerged baseline: identity in every mode (any r is ignored)."""
-
-
-class ToMe(MergePolicy):
-    """ToMe: hard bipartite merging on the keys averaged over heads (Bolya et al., ICLR 2023).
-
-    The backend hands the keys over in :meth:`step` (timm: the output of ``attn.k_norm``, an Identity unless
-    the model uses qk-norm, so normalised keys are used where they exist).
-    """
-
-    def metric(self, layer: int, u: Tensor) -> Tensor | None:
-        keys = self.state.keys
-        if keys is None:
-            raise RuntimeError("ToMe found no keys: is the policy bound with apply_policy()?")
-        return keys.mean(1)
-
-
-class DTEMHard(MergePolicy):
-    """DTEM: merging on a decoupled embedding (Lee & Hong, NeurIPS 2024); hard or soft is a mode.
-
-    One ``nn.Linear(C, embed_dim)`` per block maps the block's normalised input, detached so the embedding
-    never sends gradients into the ViT, to the similarity metric. Evaluation always merges hard (ToMe's rule on
-    the embedding). What training does is the policy's ``mode``: ``hard`` (this class: the same as evaluation;
-    hard matching has no gradient, so it evaluates an embedding, e.g. an untrained control) or ``soft``
-    (:class:`DTEMSoft`: DTEM's relaxation, which trains the embedding). A trained :class:`DTEMSoft` in eval mode
-    computes exactly what a :class:`DTEMHard` with the same weights computes.
-
-    Args:
-        embed_dim: embedding width (at least 1); None gives the head dim (twice it when the ViT is 1024 wide or
-            more).
-        order: token order after a hard merge: ``tome`` (unmerged sources, then destinations, as ToMe) or
-            ``size`` (patch tokens re-sorted by size, largest first, as soft training orders them, so the next
-            block's alternating split pairs the same kind of tokens in both modes).
-    """
-
-    display_name = "DTEM"  # DTEMSoft too: both evaluate the same learned embedding with hard merging
-    mode = "hard"  # what train mode does; DTEMSoft: "soft"
-    SOFT_LAYOUTS = ("official", "consistent")
-
-    def __init__(
-        self,
-        r: int | list[int] = 0,
-        prop_attn: PropAttn = True,
-        trace_source: bool = False,
-        embed_dim: int | None = None,
-        order: str = "tome",
-    ) -> None:
-        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
-        if order not in ("tome", "size"):
-            raise ValueError(f"order must be 'tome' or 'size', got {order!r}")
-        if embed_dim is not None and (isinstance(embed_dim, bool) or embed_dim < 1):
-            raise ValueError(f"embed_dim must be >= 1 (or null for the head dim), got {embed_dim!r}")
-        self.embed_dim = embed_dim
-        self.order = order
-        self.embed = nn.ModuleList()
-
-    def bind(self, model: ModelInfo | nn.Module) -> None:
-        super().bind(model)
-        if self.embed_dim is None:
-            self.embed_dim = self.head_dim * (2 if self.width >= 1024 else 1)
-        info = self.info
-        self.embed = nn.ModuleList(
-            nn.Linear(self.width, self.embed_dim, device=info.device, dtype=info.dtype)
-            for _ in range(self.depth)
-        )
-
-    def metric(self, layer: int, u: Tensor) -> Tensor | None:
-        return self.embed[layer](u.detach())
-
-    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
-        """Soft in train mode when the mode is ``soft`` (docs/design.md §5), else hard (§3) in ``order``."""
-        if self.mode == "soft" and self.state.training:
-            return self._soft_merge(layer, x, metric)
-        n = x.shape[1]
-        x = super().merge(layer, x, metric)
-        if self.order == "size" and x.shape[1] < n:
-            x = self._sort_by_size(x, x.shape[1])
         return x
 
     def _sort_by_size(self, x: Tensor, n: int, before: Tensor | None = None) -> Tensor:
@@ -343,7 +253,18 @@ class DTEMHard(MergePolicy):
             st.source = st.source.gather(1, perm[..., None].expand_as(st.source))
         return x.gather(1, perm[..., None].expand_as(x))
 
-    # ----------------------------------------------------------------- soft mode (DTEMSoft's hyper-parameters)
+    # ----------------------------------------------------------------- soft mode (k, tau1, tau2, soft_layout)
+    def init_soft(self, k: int, tau1: float, tau2: float, soft_layout: str) -> None:
+        """Check and store the soft mode's hyper-parameters (documented on :class:`DTEMSoft`)."""
+        if isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be >= 1 candidate destinations, got k={k!r}")
+        for name, tau in (("tau1", tau1), ("tau2", tau2)):
+            if not (math.isfinite(tau) and tau > 0):
+                raise ValueError(f"{name} must be a finite temperature > 0, got {name}={tau!r}")
+        if soft_layout not in self.SOFT_LAYOUTS:
+            raise ValueError(f"soft_layout must be 'official' or 'consistent', got {soft_layout!r}")
+        self.k, self.tau1, self.tau2, self.soft_layout = k, tau1, tau2, soft_layout
+
     def _soft_merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
         st = self.state
         src_idx, dst_idx = self.soft_split(st.active, x.device)
@@ -384,6 +305,100 @@ class DTEMHard(MergePolicy):
         st.active = n - r
         st.tokens.append(st.active)
         return x.to(dtype)
+
+    def pool_avg(self, x: Tensor) -> Tensor:
+        """Size-weighted mean of the patch tokens of x [B, N, C] -> [B, C]."""
+        s = self.size(x)[:, self.num_prefix :]
+        return (x[:, self.num_prefix :] * s).sum(1) / s.sum(1)
+
+    def unmerge(self, x: Tensor) -> Tensor:
+        """Copy tokens back to the input patch grid: [B, n, C] -> [B, N0, C] (prefix positions included)."""
+        if self.state.source is None:
+            raise RuntimeError("unmerge needs a policy created with trace_source=True")
+        return M.unmerge_tokens(x, self.state.source)
+
+    def extra_repr(self) -> str:
+        text = f"r={self.r}, prop_attn={self.prop_attn}, trace_source={self.trace_source}"
+        if self.mode == "soft":
+            text += f", k={self.k}, tau1={self.tau1}, tau2={self.tau2}, soft_layout={self.soft_layout}"
+        return text
+
+
+class NoMerge(MergePolicy):
+    """The unmerged baseline: identity in every mode (any r is ignored)."""
+
+
+class ToMe(MergePolicy):
+    """ToMe: hard bipartite merging on the keys averaged over heads (Bolya et al., ICLR 2023).
+
+    The backend hands the keys over in :meth:`step` (timm: the output of ``attn.k_norm``, an Identity unless
+    the model uses qk-norm, so normalised keys are used where they exist).
+    """
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        keys = self.state.keys
+        if keys is None:
+            raise RuntimeError("ToMe found no keys: is the policy bound with apply_policy()?")
+        return keys.mean(1)
+
+
+class DTEMHard(MergePolicy):
+    """DTEM: merging on a decoupled embedding (Lee & Hong, NeurIPS 2024); hard or soft is a mode.
+
+    One ``nn.Linear(C, embed_dim)`` per block maps the block's normalised input, detached so the embedding
+    never sends gradients into the ViT, to the similarity metric. Evaluation always merges hard (ToMe's rule on
+    the embedding). What training does is the policy's ``mode``: ``hard`` (this class: the same as evaluation;
+    hard matching has no gradient, so it evaluates an embedding, e.g. an untrained control) or ``soft``
+    (:class:`DTEMSoft`: DTEM's relaxation, which trains the embedding). A trained :class:`DTEMSoft` in eval mode
+    computes exactly what a :class:`DTEMHard` with the same weights computes.
+
+    Args:
+        embed_dim: embedding width (at least 1); None gives the head dim (twice it when the ViT is 1024 wide or
+            more).
+        order: token order after a hard merge: ``tome`` (unmerged sources, then destinations, as ToMe) or
+            ``size`` (patch tokens re-sorted by size, largest first, as soft training orders them, so the next
+            block's alternating split pairs the same kind of tokens in both modes).
+    """
+
+    display_name = "DTEM"  # DTEMSoft too: both evaluate the same learned embedding with hard merging
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        embed_dim: int | None = None,
+        order: str = "tome",
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        if order not in ("tome", "size"):
+            raise ValueError(f"order must be 'tome' or 'size', got {order!r}")
+        if embed_dim is not None and (isinstance(embed_dim, bool) or embed_dim < 1):
+            raise ValueError(f"embed_dim must be >= 1 (or null for the head dim), got {embed_dim!r}")
+        self.embed_dim = embed_dim
+        self.order = order
+        self.embed = nn.ModuleList()
+
+    def bind(self, model: ModelInfo | nn.Module) -> None:
+        super().bind(model)
+        if self.embed_dim is None:
+            self.embed_dim = self.head_dim * (2 if self.width >= 1024 else 1)
+        info = self.info
+        self.embed = nn.ModuleList(
+            nn.Linear(self.width, self.embed_dim, device=info.device, dtype=info.dtype)
+            for _ in range(self.depth)
+        )
+
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        return self.embed[layer](u.detach())
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        """The base class's merge (soft or hard by mode); hard merges leave tokens in ``order``."""
+        n = x.shape[1]
+        x = super().merge(layer, x, metric)
+        if self.order == "size" and x.shape[1] < n:
+            x = self._sort_by_size(x, x.shape[1])
+        return x
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order}"
@@ -426,14 +441,120 @@ class DTEMSoft(DTEMHard):
         super().__init__(
             r=r, prop_attn=prop_attn, trace_source=trace_source, embed_dim=embed_dim, order=order
         )
-        if isinstance(k, bool) or k < 1:
-            raise ValueError(f"k must be >= 1 candidate destinations, got k={k!r}")
-        for name, tau in (("tau1", tau1), ("tau2", tau2)):
-            if not (math.isfinite(tau) and tau > 0):
-                raise ValueError(f"{name} must be a finite temperature > 0, got {name}={tau!r}")
-        if soft_layout not in self.SOFT_LAYOUTS:
-            raise ValueError(f"soft_layout must be 'official' or 'consistent', got {soft_layout!r}")
-        self.k, self.tau1, self.tau2, self.soft_layout = k, tau1, tau2, soft_layout
+        self.init_soft(k, tau1, tau2, soft_layout)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}, tau1={self.tau1}, tau2={self.tau2}, soft_layout={self.soft_layout}"
+
+class ToMeSoft(ToMe):
+    """ToMe's metric (the keys averaged over heads) with DTEM's soft merging in train mode: the paper's Table 6
+    middle row. There is no decoupled embedding: the soft merge's gradient reaches the keys, so the backbone
+    must train (``train: all``); with a frozen backbone nothing learns. Eval mode merges hard, exactly as ToMe.
+
+    Args:
+        k, tau1, tau2, soft_layout: the soft mode's hyper-parameters, as :class:`DTEMSoft`.
+        r, prop_attn, trace_source: as :class:`MergePolicy`.
+    """
+
+    mode = "soft"
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        k: int = 3,
+        tau1: float = 0.1,
+        tau2: float = 0.1,
+        soft_layout: str = "official",
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        self.init_soft(k, tau1, tau2, soft_layout)
+
+
+class _PairMerging(ToMe):
+    """A training-free policy on ToMe's metric (keys averaged over heads) with its own pairs and merge rule:
+    subclasses give :meth:`pairs` and :meth:`how`; the merge is :func:`~dtem_lightning.merge.merge_pairs`."""
+
+    def pairs(self, layer: int, metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``src``, ``dst`` [B, r] and ``keep`` [B, Np - r] patch indices (see ``merge.merge_pairs``)."""
+        return M.bipartite_pairs(metric, r, self.num_prefix)
+
+    def how(self, layer: int) -> str:
+        return "mean"
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        r = self.schedule[layer] if self.schedule else 0
+        if metric is None or r == 0:
+            self.state.tokens.append(x.shape[1])
+            return x
+        src, dst, keep = self.pairs(layer, metric, r)
+        x, self.state.size = M.merge_pairs(x, self.size(x), src, dst, keep, self.num_prefix, self.how(layer))
+        if self.state.source is not None:
+            self.state.source = M.merge_pair_sources(self.state.source, src, dst, keep, self.num_prefix)
+        self.state.active = x.shape[1]
+        self.state.tokens.append(x.shape[1])
+        return x
+
+
+class PiToMe(_PairMerging):
+    """PiToMe (Tran et al., NeurIPS 2024): protect informative tokens, merge inside large clusters.
+
+    Each block ranks the patch tokens by an energy score over their similarity graph (keys averaged over heads)
+    and merges only among the 2r highest-energy ones (:func:`~dtem_lightning.merge.energy_pairs`); the others
+    are protected. The margin falls with depth: block l of L uses ``margin * (1 - l / L)``.
+
+    Args:
+        margin: the margin of block 0 (in [-1, 1]).
+        alpha: the scale of the energy below the margin (> 0).
+        r, prop_attn, trace_source: as :class:`MergePolicy`.
+    """
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        margin: float = 0.9,
+        alpha: float = 1.0,
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        if not -1 <= margin <= 1:
+            raise ValueError(f"margin must be a cosine similarity in [-1, 1], got margin={margin!r}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be finite and > 0, got alpha={alpha!r}")
+        self.margin, self.alpha = margin, alpha
+
+    def pairs(self, layer: int, metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        margin = self.margin * (1 - layer / self.depth)
+        return M.energy_pairs(metric, r, self.num_prefix, margin, self.alpha)
+
+
+class ToFu(_PairMerging):
+    """Token Fusion (Kim et al., WACV 2024): prune in early blocks, merge norm-preservingly in later ones.
+
+    Pairs are ToMe's. In the first ``prune_blocks`` blocks the destination keeps its feature and the source's is
+    dropped (pruning; sizes still add, so proportional attention and the source map count every patch); later
+    blocks merge with MLERP, the size-weighted average rescaled to the largest norm among the merged tokens
+    (:func:`~dtem_lightning.merge.merge_pairs`).
+
+    Args:
+        prune_blocks: blocks that prune; None: a quarter of the blocks (our default, not the paper's).
+        r, prop_attn, trace_source: as :class:`MergePolicy`.
+    """
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        prune_blocks: int | None = None,
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        if prune_blocks is not None and (isinstance(prune_blocks, bool) or prune_blocks < 0):
+            raise ValueError(
+                f"prune_blocks must be >= 0 (or null for a quarter of the blocks), got {prune_blocks!r}"
+            )
+        self.prune_blocks = prune_blocks
+
+    def how(self, layer: int) -> str:
+        prune = self.depth // 4 if self.prune_blocks is None else self.prune_blocks
+        return "prune" if layer < prune else "mlerp"

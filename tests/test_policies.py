@@ -1,0 +1,221 @@
+"""The comparison policies of issue 20 against references written from their papers' equations, one image at a
+time: ToMeSoft (soft merging as a mode of ToMe's metric), PiToMe (energy-protected merging), ToFu (prune early,
+MLERP late)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+from dtem_lightning import DTEMSoft, NoMerge, PiToMe, ToFu, ToMe, ToMeSoft, apply_policy
+from dtem_lightning import merge as M
+from dtem_lightning.flops import gmacs
+
+NEW = [ToMeSoft, PiToMe, ToFu]
+
+
+def _patched(cls: type, model_state: dict | None = None, **kwargs: object) -> tuple[torch.nn.Module, object]:
+    model = tiny_vit()
+    if model_state is not None:
+        model.load_state_dict(model_state)
+    policy = cls(**kwargs)
+    apply_policy(model, policy)
+    return model, policy
+
+
+@pytest.mark.parametrize("cls", NEW)
+@pytest.mark.parametrize("train", [False, True])
+def test_r0_is_bit_identical_to_timm(cls: type, train: bool) -> None:
+    ref = tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    model, _ = _patched(cls, ref.state_dict(), r=0)
+    ref.train(train), model.train(train)
+    torch.manual_seed(1)
+    a = ref(x)
+    torch.manual_seed(1)
+    assert torch.equal(model(x), a)
+
+
+def test_tomesoft_evaluates_as_tome_and_trains_softly_through_the_keys() -> None:
+    x = torch.randn(2, 3, 32, 32)
+    tome, _ = _patched(ToMe, r=8)
+    soft, policy = _patched(ToMeSoft, tome.state_dict(), r=8)
+    with torch.no_grad():
+        assert torch.equal(soft(x), tome(x))
+    # Train mode: DTEM's soft step on the keys, i.e. DTEMSoft whose metric is ToMe's (soft is a mode).
+    dtem, dpolicy = _patched(DTEMSoft, tome.state_dict(), r=8)
+    dpolicy.metric = lambda layer, u: dpolicy.state.keys.mean(1)
+    soft.train(), dtem.train()
+    y = soft(x)
+    torch.testing.assert_close(y, dtem(x), rtol=0, atol=0)
+    assert policy.state.tokens == [57, 49, 41, 33]  # active counts: the sequence keeps 65 tokens
+    y.sum().backward()
+    qkv = [b.attn.qkv.weight.grad for b in soft.blocks]
+    # The soft merge's gradient reaches the keys (the key rows of qkv), unlike DTEM's detached embedding.
+    assert all(g is not None and g[64:128].abs().sum() > 0 for g in qkv[:3])
+
+
+# ---------------------------------------------------------------------------- references, one image at a time
+def _energy_reference(m: torch.Tensor, r: int, margin: float, alpha: float) -> tuple[list, list, list]:
+    """PiToMe §3 by loops: energies, the 2r highest in energy order alternate sources / destinations, each
+    source goes to its most similar destination. m: [Np, C]."""
+    n = m.shape[0]
+    u = [m[i] / m[i].norm() for i in range(n)]
+    energy = []
+    for i in range(n):
+        total = 0.0
+        for j in range(n):
+            s = float(u[i] @ u[j])
+            total += s if s >= margin else alpha * (torch.exp(torch.tensor(s - margin)).item() - 1)
+        energy.append(total / n)
+    ranked = sorted(range(n), key=lambda i: -energy[i])[: 2 * r]
+    src, dsts = ranked[0::2], ranked[1::2]
+    dst = [max(dsts, key=lambda d: float(u[s] @ u[d])) for s in src]
+    keep = [i for i in range(n) if i not in src]
+    return src, dst, keep
+
+
+def _merge_reference(
+    x: torch.Tensor, size: torch.Tensor, src: list, dst: list, keep: list, how: str
+) -> tuple:
+    """Merge one image's patch tokens x [Np, C] (sizes [Np]) by loops: mean, prune or MLERP."""
+    groups = {d: [d] for d in dst}
+    for s, d in zip(src, dst, strict=True):
+        groups[d].append(s)
+    out, sizes = [], []
+    for i in keep:
+        members = groups.get(i, [i])
+        total = sum(float(size[j]) for j in members)
+        if how == "prune":
+            feat = x[i]
+        else:
+            feat = sum(size[j] * x[j] for j in members) / total
+            if how == "mlerp":
+                feat = feat / feat.norm() * max(float(x[j].norm()) for j in members)
+        out.append(feat)
+        sizes.append(total)
+    return torch.stack(out), torch.tensor(sizes, dtype=x.dtype)
+
+
+def _tome_pairs_reference(m: torch.Tensor, r: int, off: int) -> tuple[list, list, list]:
+    """ToMe's bipartite matching by loops: alternate split, best destination per source, top r by score."""
+    n = m.shape[0]
+    u = [m[i] / m[i].norm() for i in range(n)]
+    srcs, dsts = list(range(1 - off, n, 2)), list(range(off, n, 2))
+    best = {s: max(dsts, key=lambda d: float(u[s] @ u[d])) for s in srcs}
+    score = {s: float(u[s] @ u[best[s]]) for s in srcs}
+    chosen = sorted(srcs, key=lambda s: -score[s])[:r]
+    kept = [s for s in srcs if s not in chosen]
+    return chosen, [best[s] for s in chosen], kept + dsts
+
+
+@pytest.mark.parametrize("how", ["mean", "prune", "mlerp"])
+@pytest.mark.parametrize("selection", ["tome", "energy"])
+def test_pairs_and_merge_match_the_loop_reference(how: str, selection: str) -> None:
+    B, P, Np, C, r = 3, 1, 20, 8, 6
+    metric, x = torch.randn(B, P + Np, C, dtype=torch.float64), torch.randn(B, P + Np, C, dtype=torch.float64)
+    size = torch.rand(B, P + Np, 1, dtype=torch.float64) + 0.5
+    if selection == "tome":
+        src, dst, keep = M.bipartite_pairs(metric, r, P)
+    else:
+        src, dst, keep = M.energy_pairs(metric, r, P, margin=0.3, alpha=1.0)
+    y, s = M.merge_pairs(x, size, src, dst, keep, P, how)
+    assert y.shape == (B, P + Np - r, C)
+    for b in range(B):
+        if selection == "tome":
+            ref = _tome_pairs_reference(metric[b, P:], r, M.hard_split_offset(P))
+        else:
+            ref = _energy_reference(metric[b, P:], r, margin=0.3, alpha=1.0)
+        assert (src[b].tolist(), dst[b].tolist(), keep[b].tolist()) == ref
+        want, want_size = _merge_reference(x[b, P:], size[b, P:, 0], *ref, how)
+        torch.testing.assert_close(y[b, P:], want)
+        torch.testing.assert_close(s[b, P:, 0], want_size)
+        assert torch.equal(y[b, :P], x[b, :P])
+
+
+def test_bipartite_pairs_equal_tomes_merge() -> None:
+    """The pair form of ToMe's matching merges exactly what :func:`bipartite_matching` merges, in its order."""
+    metric, x, size = torch.randn(2, 17, 8), torch.randn(2, 17, 5), torch.rand(2, 17, 1) + 0.5
+    for P in (0, 1, 2):
+        merge, _ = M.bipartite_matching(metric, 5, P)
+        want, want_size = M.merge_weighted(merge, x, size)
+        got, got_size = M.merge_pairs(x, size, *M.bipartite_pairs(metric, 5, P), P, "mean")
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_size, want_size)
+
+
+def test_tofu_with_mean_merging_is_tome() -> None:
+    """Flip a flag: ToFu whose every block merges by the mean is ToMe."""
+    x = torch.randn(2, 3, 32, 32)
+    tome, _ = _patched(ToMe, r=8)
+    tofu, policy = _patched(ToFu, tome.state_dict(), r=8, prune_blocks=0)
+    policy.how = lambda layer: "mean"
+    with torch.no_grad():
+        torch.testing.assert_close(tofu(x), tome(x))
+
+
+def test_pitome_margin_falls_with_depth() -> None:
+    policy = PiToMe(r=6, margin=0.8)
+    apply_policy(tiny_vit(), policy)
+    metric = torch.randn(2, 65, 16)
+    for layer, margin in enumerate([0.8, 0.6, 0.4, 0.2]):
+        got = policy.pairs(layer, metric, 6)
+        want = M.energy_pairs(metric, 6, 1, margin=margin, alpha=1.0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_tofu_prunes_then_merges_with_mlerp() -> None:
+    policy = ToFu(r=4, prune_blocks=2)
+    apply_policy(tiny_vit(), policy)
+    assert [policy.how(layer) for layer in range(4)] == ["prune", "prune", "mlerp", "mlerp"]
+    default = ToFu(r=4)
+    apply_policy(tiny_vit(depth=8), default)
+    assert [default.how(layer) for layer in range(8)].count("prune") == 2
+
+
+@pytest.mark.parametrize("cls", [PiToMe, ToFu])
+def test_bookkeeping_sizes_sources_and_token_counts(cls: type) -> None:
+    model, policy = _patched(cls, r=8, trace_source=True)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert policy.state.tokens == policy.token_counts(65) == [57, 49, 41, 33]
+    torch.testing.assert_close(policy.state.size.sum(1).flatten(), torch.full((2,), 65.0))
+    # Hard merging: every input patch is in exactly one token, and a token's row sums to its size.
+    assert torch.equal(policy.state.source.sum(1), torch.ones(2, 65))
+    torch.testing.assert_close(policy.state.source.sum(-1, keepdim=True), policy.state.size)
+
+
+@pytest.mark.parametrize("cls", [PiToMe, ToFu, ToMeSoft])
+def test_flops_against_an_analytic_count(cls: type) -> None:
+    """The FLOPs column counts what runs: the blocks at the same token counts as ToMe, plus the matching's
+    matrix products. ToMe's split compares Np/2 sources with Np/2 destinations; PiToMe's energy compares all
+    Np x Np pairs of patch tokens on the keys averaged over heads (head dim D = 16)."""
+    size = (3, 32, 32)
+    base, tome = gmacs(tiny_vit(), size), gmacs(_patched(ToMe, r=8)[0], size)
+    got = gmacs(_patched(cls, r=8)[0], size)
+    patches = [64, 56, 48, 40]  # patch tokens entering each block at r = 8
+    extra = sum(n * n - (n // 2) * (n // 2) for n in patches) * 16 / 1e9 if cls is PiToMe else 0.0
+    assert got == pytest.approx(tome + extra, rel=1e-4)
+    assert got < 0.8 * base
+    assert gmacs(_patched(NoMerge, r=8)[0], size) == pytest.approx(base, rel=1e-9)
+
+
+def test_bad_arguments_fail_with_the_value() -> None:
+    with pytest.raises(ValueError, match="margin=2"):
+        PiToMe(margin=2)
+    with pytest.raises(ValueError, match="alpha=0"):
+        PiToMe(alpha=0)
+    with pytest.raises(ValueError, match="prune_blocks"):
+        ToFu(prune_blocks=-1)
+    with pytest.raises(ValueError, match="tau1"):
+        ToMeSoft(tau1=0)
+    with pytest.raises(ValueError, match="how must be"):
+        M.merge_pairs(
+            torch.zeros(1, 3, 2),
+            torch.ones(1, 3, 1),
+            *[torch.zeros(1, 1, dtype=torch.long)] * 2,
+            torch.zeros(1, 1, dtype=torch.long),
+            1,
+            "max",
+        )
