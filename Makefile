@@ -263,6 +263,13 @@ compare-seg: $(VENV)/.installed ## CamVid: PiToMe and ToFu rows beside DTEM and 
 	$(PY) experiments/collect.py seed$(COMPARE_SEED)=runs/camvid_dtem/compare$(COMPARE_SEED)/sweep.csv --metric miou \
 		--out results/compare-seg
 
+# Paper Table 7 on the demo's CIFAR-10 embedding and the CamVid seed-COMPARE_SEED embedding (both fits must exist).
+.PHONY: table7
+table7: $(VENV)/.installed ## Table 7: Kendall tau keys vs embedding per block group, untrained vs trained (needs demo, replicate-seg)
+	$(PY) experiments/table7.py $(DEMO_RUN)/fit/checkpoints/last.ckpt --root $(CIFAR10) --batches 16 --out results/table7/demo.md
+	$(PY) experiments/table7.py runs/camvid_dtem/seed$(COMPARE_SEED)/checkpoints/last.ckpt --root $(CAMVID) \
+		--batches 13 --out results/table7/camvid.md
+
 replicate-seg: $(VENV)/.installed ## CamVid: headroom (val), modular DTEM x3 seeds, test sweeps with intervals, pictures (~35 min)
 	$(PY) experiments/headroom.py --seg-ckpt $(SEG_WEIGHTS) --root $(CAMVID) --split val --r $(SEG_HEADROOM_R) \
 		--out $(SEG_RESULTS)/headroom.md
