@@ -263,6 +263,20 @@ compare-seg: $(VENV)/.installed ## CamVid: PiToMe and ToFu rows beside DTEM and 
 	$(PY) experiments/collect.py seed$(COMPARE_SEED)=runs/camvid_dtem/compare$(COMPARE_SEED)/sweep.csv --metric miou \
 		--out results/compare-seg
 
+# Paper Table 6 at the demo's scale: ToMe off the shelf and DTEM modular come from `make demo` (results/demo);
+# ToMe and ToMeSoft (keys + soft merging) are trained end to end here with the same data, steps and r.
+TABLE6_RUN := runs/table6
+TABLE6_BASE := -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
+	--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --trainer.accelerator=$(ACCELERATOR)
+.PHONY: table6
+table6: data-cifar10 ## Table 6 ablation (demo scale): ToMe, ToMe e2e, ToMeSoft e2e, DTEM modular (needs results/demo; ~10 min)
+	$(foreach v,tome_e2e tome_soft_e2e,rm -rf $(TABLE6_RUN)/$(v) $(TABLE6_RUN)/$(v)_test && \
+		$(DTEM) fit $(TABLE6_BASE) -c configs/table6/$(v).yaml --trainer.logger.init_args.version=$(v) && \
+		$(DTEM) test $(TABLE6_BASE) -c configs/table6/$(v).yaml --trainer.logger.init_args.version=$(v)_test \
+			--ckpt_path=$(TABLE6_RUN)/$(v)/checkpoints/last.ckpt && ) true
+	$(PY) experiments/collect.py demo=$(DEMO_RESULTS)/sweep.csv tome_e2e=$(TABLE6_RUN)/tome_e2e_test/sweep.csv \
+		tome_soft_e2e=$(TABLE6_RUN)/tome_soft_e2e_test/sweep.csv --out results/table6
+
 # Paper Table 7 on the demo's CIFAR-10 embedding and the CamVid seed-COMPARE_SEED embedding (both fits must exist).
 .PHONY: table7
 table7: $(VENV)/.installed ## Table 7: Kendall tau keys vs embedding per block group, untrained vs trained (needs demo, replicate-seg)

@@ -219,3 +219,28 @@ def test_bad_arguments_fail_with_the_value() -> None:
             1,
             "max",
         )
+
+
+@pytest.mark.parametrize("overlay", ["tome_e2e", "tome_soft_e2e"])
+def test_table6_overlays_fit_the_backbone_and_sweep(overlay: str, image_root: str, tmp_path) -> None:
+    """configs/table6: end-to-end training with the keys as the metric changes the backbone; the sweep has the
+    policy's rows and NoMerge's."""
+    from conftest import ROOT, read_sweep
+
+    from dtem_lightning.cli import main
+
+    configs = ROOT / "configs"
+    args = ["-c", str(configs / "cifar10_dtem_modular.yaml"), "-c", str(configs / "table6" / f"{overlay}.yaml"),
+            "-c", str(configs / "debug.yaml"), f"--data.init_args.root={image_root}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}"]  # fmt: skip
+    main(["fit", *args])
+    (ckpt,) = tmp_path.rglob("last.ckpt")
+    saved = torch.load(ckpt, weights_only=True)
+    backbone = [k for k in saved["state_dict"] if k.startswith("backbone.")]
+    # End to end: the optimizer holds every backbone tensor (ToMe and ToMeSoft have no parameters of their own).
+    assert len(saved["optimizer_states"][0]["state"]) == len(backbone) > 10
+    main(["test", *args, f"--ckpt_path={ckpt}"])
+    rows = read_sweep(tmp_path)
+    label = "ToMeSoft" if overlay == "tome_soft_e2e" else "ToMe"
+    assert [(r["policy"], r["r"]) for r in rows] == [(label, "2"), (label, "4"), ("NoMerge", "0")]
+    assert rows[0]["d_acc1"] != ""  # paired against NoMerge
