@@ -244,3 +244,27 @@ def test_table6_overlays_fit_the_backbone_and_sweep(overlay: str, image_root: st
     label = "ToMeSoft" if overlay == "tome_soft_e2e" else "ToMe"
     assert [(r["policy"], r["r"]) for r in rows] == [(label, "2"), (label, "4"), ("NoMerge", "0")]
     assert rows[0]["d_acc1"] != ""  # paired against NoMerge
+
+
+@pytest.mark.parametrize("cls", [PiToMe, ToFu])
+def test_works_in_segmentation_and_captioning(cls: type) -> None:
+    """Segmentation unmerges through the source map; captioning decodes from the merged visual tokens."""
+    from dtem_lightning.tasks import CaptioningTask, SegmentationTask
+    from dtem_lightning.text import Vocabulary
+
+    tiny = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    seg = SegmentationTask(num_classes=5, decoder="linear", backbone="vit_tiny_patch16_224", img_size=32,
+                           backbone_kwargs=tiny, policy=cls(r=8)).eval()  # fmt: skip
+    cap = CaptioningTask(backbone="vit_tiny_patch16_224", backbone_kwargs=dict(img_size=32, **tiny), policy=cls(r=8),
+                         decoder_width=32, decoder_depth=1, decoder_heads=2, max_len=5, use_meteor=False)  # fmt: skip
+    cap.set_vocab(Vocabulary.build(["a dog runs", "a cat sits"], min_freq=1))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        grid = seg.encode(x)
+        visual, size = cap.eval().encode(x)
+        captions = cap.greedy(x)
+    assert grid.shape == (2, 64, 32)  # every patch back on the grid
+    assert (
+        visual.shape[1] == 65 - 2 * 8 and size is not None and size.sum(1).flatten().tolist() == [65.0, 65.0]
+    )
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
