@@ -36,8 +36,9 @@ format: $(VENV)/.installed ## Format and autofix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16 for NoMerge, ToMe, DTEMHard
-	$(PY) experiments/throughput.py
+bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16 for every policy, batch 32 and 1
+	$(PY) experiments/throughput.py --batch 32
+	$(PY) experiments/throughput.py --batch 1
 
 # ----------------------------------------------------------------------------------------------------------------
 # Demo: CIFAR-10 subset, small committed ViT, modular DTEM, one r-sweep with NoMerge/ToMe/DTEM + control row.

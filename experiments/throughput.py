@@ -1,6 +1,7 @@
-"""Images/s of a timm ViT with NoMerge / ToMe / DTEMHard at several r, side by side in one run.
+"""Images/s of a timm ViT with every merging policy at several r, side by side in one run.
 
 Usage: python experiments/throughput.py [--model deit_small_patch16_224] [--batch 32] [--r 0 8 13 16]
+       [--policies NoMerge ToMe DTEMHard PiToMe ToFu] [--tiny]
 Random-init weights (speed does not depend on them); eval mode; warm-up discarded. Configurations are timed
 round-robin (one forward of each per round) so that a change in machine load hits all of them alike; the table
 reports the median over rounds and the share of time spent choosing and applying merges.
@@ -16,9 +17,13 @@ from collections.abc import Callable
 import timm
 import torch
 
-from dtem_lightning import DTEMHard, NoMerge, ToMe, apply_policy
+from dtem_lightning import apply_policy
+from dtem_lightning import policy as policies
 from dtem_lightning.merge import token_counts
-from dtem_lightning.policy import MergePolicy
+from dtem_lightning.policy import MergePolicy, NoMerge
+
+POLICIES = ["NoMerge", "ToMe", "DTEMHard", "PiToMe", "ToFu"]
+TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # --tiny: seconds on a CPU (tests)
 
 
 def sync(device: str) -> None:
@@ -40,7 +45,7 @@ def timed(fn: Callable, clock: list[float], device: str) -> Callable:
     return wrapper
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--batch", type=int, default=32)
@@ -50,14 +55,19 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--eager", action="store_true", help="use eager attention instead of fused SDPA")
-    args = p.parse_args()
+    p.add_argument("--policies", nargs="+", default=POLICIES, choices=POLICIES)
+    p.add_argument("--tiny", action="store_true", help="a 2-block ViT on 32x32 inputs (tests the script)")
+    args = p.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
-    x = torch.randn(args.batch, 3, 224, 224, device=args.device, dtype=dtype)
+    kwargs = TINY if args.tiny else {}
+    side = kwargs.get("img_size", 224)
+    x = torch.randn(args.batch, 3, side, side, device=args.device, dtype=dtype)
     configs: list[tuple[str, int, torch.nn.Module, MergePolicy, list[float]]] = []
-    for cls in (NoMerge, ToMe, DTEMHard):
+    for name in args.policies:
+        cls = getattr(policies, name)
         torch.manual_seed(0)
-        model = timm.create_model(args.model).eval()
+        model = timm.create_model(args.model, **kwargs).eval()
         policy = cls()
         apply_policy(model, policy)
         model.to(args.device, dtype), policy.to(args.device, dtype)

@@ -268,3 +268,20 @@ def test_works_in_segmentation_and_captioning(cls: type) -> None:
         visual.shape[1] == 65 - 2 * 8 and size is not None and size.sum(1).flatten().tolist() == [65.0, 65.0]
     )
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_throughput_table_has_every_policy(capsys) -> None:
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import throughput
+
+    throughput.main(["--tiny", "--model", "vit_tiny_patch16_224", "--r", "0", "4", "--runs", "1", "--warmup", "0",
+                     "--batch", "2"])  # fmt: skip
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    got = [(row[0].strip("| "), row[1], row[2]) for row in rows]
+    want = [("NoMerge", "0", "65")]
+    want += [(name, r, n) for name in throughput.POLICIES[1:] for r, n in (("0", "65"), ("4", "57"))]
+    assert got == want
