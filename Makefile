@@ -270,11 +270,17 @@ TABLE6_RUN := runs/table6
 TABLE6_BASE := -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
 	--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --trainer.accelerator=$(ACCELERATOR)
 .PHONY: table6
+# $(call table6_row,OVERLAY): fit the end-to-end overlay, then sweep it.
+define table6_row
+	rm -rf $(TABLE6_RUN)/$(1) $(TABLE6_RUN)/$(1)_test
+	$(DTEM) fit $(TABLE6_BASE) -c configs/table6/$(1).yaml --trainer.logger.init_args.version=$(1)
+	$(DTEM) test $(TABLE6_BASE) -c configs/table6/$(1).yaml --trainer.logger.init_args.version=$(1)_test \
+		--ckpt_path=$(TABLE6_RUN)/$(1)/checkpoints/last.ckpt
+
+endef
+
 table6: data-cifar10 ## Table 6 ablation (demo scale): ToMe, ToMe e2e, ToMeSoft e2e, DTEM modular (needs results/demo; ~10 min)
-	$(foreach v,tome_e2e tome_soft_e2e,rm -rf $(TABLE6_RUN)/$(v) $(TABLE6_RUN)/$(v)_test && \
-		$(DTEM) fit $(TABLE6_BASE) -c configs/table6/$(v).yaml --trainer.logger.init_args.version=$(v) && \
-		$(DTEM) test $(TABLE6_BASE) -c configs/table6/$(v).yaml --trainer.logger.init_args.version=$(v)_test \
-			--ckpt_path=$(TABLE6_RUN)/$(v)/checkpoints/last.ckpt && ) true
+	$(foreach v,tome_e2e tome_soft_e2e,$(call table6_row,$(v)))
 	$(PY) experiments/collect.py demo=$(DEMO_RESULTS)/sweep.csv tome_e2e=$(TABLE6_RUN)/tome_e2e_test/sweep.csv \
 		tome_soft_e2e=$(TABLE6_RUN)/tome_soft_e2e_test/sweep.csv --out results/table6
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "pretrain-small", "demo", "demo-quick", "replicate-small", "seg-backbone", "replicate-seg",
     "table1-deit-s", "table1-deit-b", "table1-mae-b", "table1-mae-l", "tome-offshelf", "e2e-deit-s",
-    "table4-git-b", "table5-seg-s",
+    "table4-git-b", "table5-seg-s", "compare-seg", "table6",
 ]  # fmt: skip
 
 
@@ -70,6 +70,11 @@ def test_target_parses(target, parsed, capsys):
         collect_cmd = parsed[target][-1]
         metric = "cider" if target.startswith("table4") else "miou"
         assert Path(collect_cmd[1]).name == "collect.py" and collect_cmd[-2:] == ["--metric", metric]
+
+
+def test_table7_target_parses():
+    scripts = [Path(c[1]).name for c in make_n("table7")]
+    assert scripts == ["table7.py", "table7.py"]
 
 
 def test_headroom_target_parses():
