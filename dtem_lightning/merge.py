@@ -314,18 +314,23 @@ def patch_groups(source: Tensor, num_prefix: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------- pair-based merging (PiToMe, ToFu)
-def bipartite_pairs(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+def bipartite_pairs(
+    metric: Tensor, r: int, num_prefix: int, threshold: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's matching (:func:`bipartite_matching`) as index pairs, for policies that merge differently.
 
     Args:
         metric: [B, N, C] similarity features.
         r: sources to merge away, capped at (N - num_prefix) // 2.
         num_prefix: leading tokens that never merge.
+        threshold: if given, merge only sources whose best cosine similarity is at least this, in every image
+            of the batch: r becomes the smallest such count over the images (capped at r), so the batch stays
+            rectangular and no image merges a pair below the threshold.
 
     Returns:
-        ``src`` [B, r] and ``dst`` [B, r] patch indices (0 = the first patch token) of the merged pairs, and
-        ``keep`` [B, Np - r]: the patch indices of the output tokens in ToMe's order (unmerged sources, then
-        destinations, each in their original order).
+        ``src`` [B, r'] and ``dst`` [B, r'] patch indices (0 = the first patch token) of the merged pairs, and
+        ``keep`` [B, Np - r']: the patch indices of the output tokens in ToMe's order (unmerged sources, then
+        destinations, each in their original order); r' = r without a threshold.
     """
     B, N, _ = metric.shape
     off, num_patch = hard_split_offset(num_prefix), N - num_prefix
@@ -339,6 +344,8 @@ def bipartite_pairs(metric: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Te
         else:
             best = m.new_zeros(B, len(src_pos))
             best_dst = torch.zeros(B, len(src_pos), dtype=torch.long, device=m.device)
+        if threshold is not None:
+            r = min(r, int((best >= threshold).sum(-1).min())) if B else 0
         order = best.argsort(dim=-1, descending=True)
         kept = order[:, r:].sort(dim=-1).values
         src, dst = src_pos[order[:, :r]], dst_pos[best_dst.gather(1, order[:, :r])]

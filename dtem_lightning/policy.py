@@ -146,6 +146,16 @@ class MergePolicy(nn.Module):
         finally:
             self.r, self.schedule = old_r, old_schedule
 
+    def measured_schedules(self) -> list[tuple[list[int] | None, float]]:
+        """The merge schedules FLOPs are counted at, with their shares: ``[(None, 1.0)]`` (the configured r) for
+        a policy whose token count does not depend on the data; :class:`ATM` returns what its forwards ran."""
+        return [(None, 1.0)]
+
+    @contextmanager
+    def replaying(self, schedule: list[int] | None) -> Iterator[None]:
+        """Merge exactly ``schedule`` (one of :meth:`measured_schedules`); None: as configured."""
+        yield
+
     def token_counts(self, num_tokens: int) -> list[int]:
         """Tokens after each block for an input of ``num_tokens`` tokens (prefix included)."""
         schedule = self.schedule if self.uses_merging else [0] * self.depth
@@ -558,3 +568,92 @@ class ToFu(_PairMerging):
     def how(self, layer: int) -> str:
         prune = self.depth // 4 if self.prune_blocks is None else self.prune_blocks
         return "prune" if layer < prune else "mlerp"
+
+
+class ATM(_PairMerging):
+    """Adaptive token merging (after Lee & Choi, arXiv 2505.15160): merge only pairs above a per-block similarity
+    threshold, so simple images lose more tokens than complex ones.
+
+    Block l merges, with ToMe's pairs on the keys, the sources whose best cosine similarity is at least
+    ``threshold[l]``, at most r of them. Batches stay rectangular: a block merges the smallest count any image of
+    the batch allows (:func:`~dtem_lightning.merge.bipartite_pairs`), so no image merges a pair below its
+    threshold, and at batch size 1 the count is the image's own (evaluate with ``batch_size: 1`` for the
+    per-image method). The token count therefore depends on the data: the schedule of every forward is recorded
+    per configured r, and the sweep counts FLOPs and tokens at those schedules (:meth:`measured_schedules`,
+    :meth:`replaying`), not at a probe input. Not implemented: the paper's size-aware matching of the final
+    blocks.
+
+    Args:
+        threshold: one cosine similarity for every block or one per block; -1 merges like ToMe at every r.
+        r, prop_attn, trace_source: as :class:`MergePolicy` (r caps the merges per block).
+    """
+
+    def __init__(
+        self,
+        r: int | list[int] = 0,
+        prop_attn: PropAttn = True,
+        trace_source: bool = False,
+        threshold: float | list[float] = 0.9,
+    ) -> None:
+        super().__init__(r=r, prop_attn=prop_attn, trace_source=trace_source)
+        values = threshold if isinstance(threshold, list) else [threshold]
+        if not values or any(isinstance(t, bool) or not -1 <= t <= 1 for t in values):
+            raise ValueError(
+                f"threshold must be a cosine similarity in [-1, 1] or a list of them, got {threshold!r}"
+            )
+        self.threshold = threshold
+        # configured schedule -> {merges per block that a forward ran: forwards}
+        self.measured: dict[tuple[int, ...], dict[tuple[int, ...], int]] = {}
+        self._replay: list[int] | None = None
+        self._running: list[int] = []
+
+    def bind(self, model: ModelInfo | nn.Module) -> None:
+        super().bind(model)
+        if isinstance(self.threshold, list) and len(self.threshold) != self.depth:
+            raise ValueError(
+                f"threshold has {len(self.threshold)} entries but the model has {self.depth} blocks: {self.threshold}"
+            )
+
+    def block_threshold(self, layer: int) -> float:
+        return self.threshold[layer] if isinstance(self.threshold, list) else self.threshold
+
+    def pairs(self, layer: int, metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self._replay is not None:
+            return M.bipartite_pairs(metric, self._replay[layer], self.num_prefix)
+        return M.bipartite_pairs(metric, r, self.num_prefix, self.block_threshold(layer))
+
+    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
+        n = x.shape[1]
+        x = super().merge(layer, x, metric)
+        if self._replay is None:
+            self._running = [] if layer == 0 else self._running
+            self._running.append(n - x.shape[1])
+            if layer == self.depth - 1:
+                runs = self.measured.setdefault(tuple(self.schedule), {})
+                runs[tuple(self._running)] = runs.get(tuple(self._running), 0) + 1
+        return x
+
+    def measured_schedules(self) -> list[tuple[list[int] | None, float]]:
+        runs = self.measured.get(tuple(self.schedule))
+        if not runs:
+            return [(None, 1.0)]  # nothing ran at this r yet: the configured cap
+        total = sum(runs.values())
+        return [(list(s), n / total) for s, n in sorted(runs.items())]
+
+    def token_counts(self, num_tokens: int) -> list[int]:
+        """Tokens after each block: of the schedule replayed, else the mean over the forwards run at this r."""
+        if self._replay is not None:
+            return M.token_counts(num_tokens, self.num_prefix, self._replay)
+        mix = [(M.token_counts(num_tokens, self.num_prefix, s), w) for s, w in self.measured_schedules() if s]
+        if not mix:
+            return super().token_counts(num_tokens)
+        return [round(sum(c[i] * w for c, w in mix)) for i in range(self.depth)]
+
+    @contextmanager
+    def replaying(self, schedule: list[int] | None) -> Iterator[None]:
+        old = self._replay
+        self._replay = None if schedule is None else list(schedule)
+        try:
+            yield
+        finally:
+            self._replay = old

@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import tiny_vit
 
-from dtem_lightning import DTEMSoft, NoMerge, PiToMe, ToFu, ToMe, ToMeSoft, apply_policy
+from dtem_lightning import ATM, DTEMSoft, NoMerge, PiToMe, ToFu, ToMe, ToMeSoft, apply_policy
 from dtem_lightning import merge as M
 from dtem_lightning.flops import gmacs
 
-NEW = [ToMeSoft, PiToMe, ToFu]
+NEW = [ToMeSoft, PiToMe, ToFu, ATM]
 
 
 def _patched(cls: type, model_state: dict | None = None, **kwargs: object) -> tuple[torch.nn.Module, object]:
@@ -285,3 +285,66 @@ def test_throughput_table_has_every_policy(capsys) -> None:
     want = [("NoMerge", "0", "65")]
     want += [(name, r, n) for name in throughput.POLICIES[1:] for r, n in (("0", "65"), ("4", "57"))]
     assert got == want
+
+
+# ---------------------------------------------------------------------------- ATM
+def test_atm_threshold_rule_by_hand() -> None:
+    """Per image: the sources whose best similarity reaches the threshold; per batch: the smallest such count
+    (capped at r), so no image merges a pair below the threshold."""
+    metric = torch.randn(3, 21, 6, dtype=torch.float64)
+    P, t = 1, 0.6
+    off = M.hard_split_offset(P)
+    counts = []
+    for b in range(3):
+        m = metric[b, P:] / metric[b, P:].norm(dim=-1, keepdim=True)
+        srcs, dsts = range(1 - off, 20, 2), range(off, 20, 2)
+        counts.append(sum(max(float(m[s] @ m[d]) for d in dsts) >= t for s in srcs))
+    for r in (2, 5, 10):
+        src, dst, keep = M.bipartite_pairs(metric, r, P, threshold=t)
+        assert src.shape[1] == min(r, min(counts)), (counts, r)
+        want = M.bipartite_pairs(metric, min(r, min(counts)), P)
+        assert all(torch.equal(a, b) for a, b in zip((src, dst, keep), want, strict=True))
+
+
+def test_atm_without_threshold_is_tome() -> None:
+    """Flip a flag: threshold -1 (every pair qualifies) merges exactly as ToMe at every r."""
+    x = torch.randn(2, 3, 32, 32)
+    tome, _ = _patched(ToMe, r=8)
+    atm, policy = _patched(ATM, tome.state_dict(), r=8, threshold=-1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(atm(x), tome(x))
+    assert policy.state.tokens == [57, 49, 41, 33]
+
+
+def test_atm_counts_tokens_and_flops_of_what_ran() -> None:
+    model, policy = _patched(ATM, r=8, threshold=[0.99, 0.9, 0.5, 0.0])
+    images = [torch.randn(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)]  # the blank batch merges more
+    with torch.no_grad():
+        ran = []
+        for x in images:
+            model(x)
+            ran.append([a - b for a, b in zip([65, *policy.state.tokens], policy.state.tokens, strict=False)])
+    mix = policy.measured_schedules()
+    assert sorted(s for s, _ in mix) == sorted(ran) and sum(w for _, w in mix) == pytest.approx(1.0)
+    assert all(all(n <= 8 for n in s) for s in ran)
+    want = [round(sum(c) / 2) for c in zip(*(M.token_counts(65, 1, s) for s in ran), strict=True)]
+    assert policy.token_counts(65) == want
+    tome, tome_policy = _patched(ToMe, r=8)
+    for schedule, _ in mix:
+        with policy.replaying(schedule), tome_policy.reduce(schedule):
+            assert policy.token_counts(65) == M.token_counts(65, 1, schedule)
+            # What ran: ToMe at that schedule, plus the similarities ATM computed in blocks that merged nothing
+            # (ToMe skips a block with r = 0; ATM's threshold had to look): (Np/2)^2 pairs x head dim 16.
+            patches = [n - 1 for n in [65, *M.token_counts(65, 1, schedule)][:-1]]
+            extra = sum((n // 2) ** 2 * 16 for n, k in zip(patches, schedule, strict=True) if k == 0) / 1e9
+            assert gmacs(model, (3, 32, 32)) == pytest.approx(gmacs(tome, (3, 32, 32)) + extra, rel=1e-6)
+    with policy.reduce(4):  # another cap: its own measurements (none yet: the cap's counts)
+        assert policy.measured_schedules() == [(None, 1.0)]
+        assert policy.token_counts(65) == [61, 57, 53, 49]
+
+
+def test_atm_bad_thresholds() -> None:
+    with pytest.raises(ValueError, match="threshold must be"):
+        ATM(threshold=1.5)
+    with pytest.raises(ValueError, match="3 entries but the model has 4 blocks"):
+        apply_policy(tiny_vit(), ATM(r=2, threshold=[0.5, 0.5, 0.5]))
