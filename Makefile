@@ -6,7 +6,7 @@ PYTHON ?= python3
 ACCELERATOR ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow test-all lint format bench-throughput caption-small camvid-small
+.PHONY: help install test test-slow test-all lint format gpu-check bench-throughput caption-small camvid-small
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ lint: $(VENV)/.installed ## ruff check and format check
 format: $(VENV)/.installed ## Format and autofix with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+gpu-check: $(VENV)/.installed ## On one CUDA GPU (~5 min): half-precision/compile throughput, bf16 soft step, SDPA backends
+	$(PY) experiments/gpu_check.py
 
 bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16 for every policy, batch 32 and 1
 	$(PY) experiments/throughput.py --batch 32
