@@ -18,7 +18,7 @@ from torchvision import transforms as T
 
 from dtem_lightning.data import BaseDataModule, ImageFolderDataModule, SyntheticDataModule
 from dtem_lightning.data.base import resolve_backbone_config
-from dtem_lightning.data.folder import to_rgb
+from dtem_lightning.data.store import to_rgb
 from dtem_lightning.data.sampling import ResumableSampler, SeededDataset
 
 CIFAR_ZIP = CIFAR
@@ -124,7 +124,7 @@ def test_image_modes_become_rgb(tmp_path):
         x, _ = dm.train_dataset[i]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     for name in ("gray16.png", "int32.tif", "float.tif"):  # rescaled, not clipped to white
-        got = np.asarray(dm.tree.load(str(odd / name)))
+        got = np.asarray(dm.store.load(str(odd / name)))
         assert got.shape == (20, 24, 3) and np.abs(got[..., 0].astype(int) - base[..., 0]).max() <= 1, name
 
 

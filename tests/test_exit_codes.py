@@ -194,20 +194,20 @@ def test_bad_images_are_found_at_setup(tree, tmp_path):
     """data/checks.py: every image of a split is opened (header only) in setup; a corrupt image or a caption's
     missing image is named before any training or sweep."""
     from dtem_lightning.data.checks import check_images
-    from dtem_lightning.data.folder import ImageTree
+    from dtem_lightning.data.store import Store
 
     bad = shutil.copytree(tree, tmp_path / "bad")
     (bad / "test" / "c2" / "5.png").write_bytes(b"\x89PNG but not really")
-    names = [n for c in ("c0", "c1", "c2") for n in ImageTree(bad).files("test", c)]
+    names = [n for c in ("c0", "c1", "c2") for n in Store(bad).files("test", c, recursive=True)]
     missing = str(bad / "test" / "c0" / "gone.png")  # a caption naming an image that is not there
     with pytest.raises(ValueError) as e:
-        check_images(ImageTree(bad), [*names, missing], "test")
+        check_images(Store(bad), [*names, missing], "test")
     message = str(e.value)
     assert message.startswith("2 of 25 images of the test split cannot be read:"), message
     assert f"{bad / 'test' / 'c2' / '5.png'} (UnidentifiedImageError)" in message
     assert f"{missing} (no such file)" in message
-    assert check_images(ImageTree(bad), names, "test", strict=False) == [str(bad / "test" / "c2" / "5.png")]
-    assert check_images(ImageTree(tree), names[:3], "test") == []
+    assert check_images(Store(bad), names, "test", strict=False) == [str(bad / "test" / "c2" / "5.png")]
+    assert check_images(Store(tree), names[:3], "test") == []
 
 
 def test_corrupt_eval_image_fails_the_fit_before_training(tree, tmp_path):

@@ -25,7 +25,7 @@ from dtem_lightning.data import (
     SegmentationDataModule,
     SyntheticDataModule,
 )
-from dtem_lightning.data.segmentation import IGNORE_INDEX
+from dtem_lightning.labelmaps import IGNORE_INDEX
 
 CONFIGS = ROOT / "configs"
 SEG = dict(img_size=32, batch_size=2)  # small crops, small batches
@@ -203,7 +203,7 @@ def test_cli_fit_and_test_own_segmentation_folders(tmp_path, capsys):
     (last,) = tmp_path.rglob("last.ckpt")
     main(["test", *args, f"--ckpt_path={last}"])
     out = capsys.readouterr().out
-    assert f"data: SegmentationDataModule root={root} train=4 val=1 classes=2" in out  # max_per_class 4
+    assert f"data: SegmentationDataModule root={root} train=10 val=1 classes=2" in out  # all: max_per_split 40
     assert f"data: SegmentationDataModule root={root} test=1 classes=2" in out
     rows = read_sweep(tmp_path)
     assert list(rows[0])[4:6] == ["miou", "pixel_acc"] and {r["policy"].split(" (")[0] for r in rows} >= {
@@ -292,7 +292,7 @@ def test_caption_examples_read_data_settings_from_checkpoint(tmp_path, capsys, m
     root = caption_root(tmp_path / "coco")
     args = ["-c", str(CONFIGS / "flickr8k_small.yaml"), "-c", str(CONFIGS / "debug.yaml"),
             "--data=CocoCaptionDataModule", f"--data.root={root}", "--data.ann_file=captions.json",
-            "--data.val_ann_file=null", "--data.image_dir=images", "--data.min_freq=1", "--data.max_per_class=null",
+            "--data.val_ann_file=null", "--data.image_dir=images", "--data.min_freq=1", "--data.max_per_split=null",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_args.use_meteor=false",
             "--model.init_args.decoder_width=32", "--model.init_args.decoder_depth=1",
             "--model.init_args.decoder_heads=2", "--model.init_args.max_len=6"]  # fmt: skip
