@@ -18,8 +18,8 @@ from torchvision import transforms as T
 
 from dtem_lightning.data import BaseDataModule, ImageFolderDataModule, SyntheticDataModule
 from dtem_lightning.data.base import resolve_backbone_config
-from dtem_lightning.data.store import to_rgb
 from dtem_lightning.data.sampling import ResumableSampler, SeededDataset
+from dtem_lightning.data.store import to_rgb
 
 CIFAR_ZIP = CIFAR
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -203,7 +203,7 @@ def test_cli_fit_and_test_own_segmentation_folders(tmp_path, capsys):
     (last,) = tmp_path.rglob("last.ckpt")
     main(["test", *args, f"--ckpt_path={last}"])
     out = capsys.readouterr().out
-    assert f"data: SegmentationDataModule root={root} train=10 val=1 classes=2" in out  # all: max_per_split 40
+    assert f"data: SegmentationDataModule root={root} train=10 val=1 classes=2" in out  # all 12 images
     assert f"data: SegmentationDataModule root={root} test=1 classes=2" in out
     rows = read_sweep(tmp_path)
     assert list(rows[0])[4:6] == ["miou", "pixel_acc"] and {r["policy"].split(" (")[0] for r in rows} >= {
