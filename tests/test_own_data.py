@@ -192,6 +192,9 @@ def test_cli_segmentation_module_errors_in_one_line(tmp_path, capsys):
         errors = [line for line in err.splitlines() if line.startswith("dtem: error:")]
         assert len(errors) == 1 and needle in errors[0], err
         assert "Traceback" not in err and "IndexError" not in err
+    with pytest.raises(SystemExit) as e:  # per split is max_per_split; max_per_class is for class folders only
+        main([*base, f"--data.root={empty}", "--data.num_classes=2", "--data.max_per_class=4"])
+    assert e.value.code == 2 and "Option 'max_per_class' is not accepted" in capsys.readouterr().err
 
 
 def test_cli_fit_and_test_own_segmentation_folders(tmp_path, capsys):
@@ -236,6 +239,24 @@ def caption_root(root: Path, n: int = 20) -> Path:
             anns.append({"image_id": 100 + i, "caption": " ".join(g.choice(WORDS, 6)) + " ."})
     (root / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return root
+
+
+def test_caption_examples_translate_the_old_max_per_class(tmp_path):
+    """A checkpoint from before the rename stores the caption data's per-split limit as ``max_per_class``;
+    caption_examples rebuilds the data with it as ``max_per_split``."""
+    root = caption_root(tmp_path / "coco")
+    hp = {"_class_path": "dtem_lightning.data.CocoCaptionDataModule", "root": str(root), "ann_file": "captions.json",
+          "val_ann_file": None, "image_dir": "images", "min_freq": 1, "img_size": 32, "max_per_class": 2}  # fmt: skip
+    torch.save({"datamodule_hyper_parameters": hp, "hyper_parameters": {}}, old := tmp_path / "old.ckpt")
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import caption_examples
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    dm = caption_examples.data_from_checkpoint(str(old))
+    assert dm.max_per_split == 2 and [len(v) for v in dm.samples.values()] == [2, 2, 2]
+    with pytest.raises(TypeError, match="max_per_class"):  # the module itself knows only max_per_split
+        CocoCaptionDataModule(str(root), ann_file="captions.json", val_ann_file=None, max_per_class=2)
 
 
 def coco_subset(src: Path, dst: Path, keep: range) -> None:
