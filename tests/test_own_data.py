@@ -192,7 +192,8 @@ def test_cli_segmentation_module_errors_in_one_line(tmp_path, capsys):
         errors = [line for line in err.splitlines() if line.startswith("dtem: error:")]
         assert len(errors) == 1 and needle in errors[0], err
         assert "Traceback" not in err and "IndexError" not in err
-    with pytest.raises(SystemExit) as e:  # per split is max_per_split; max_per_class is for class folders only
+    # the per-split limit is max_per_split; max_per_class is for class folders only
+    with pytest.raises(SystemExit) as e:
         main([*base, f"--data.root={empty}", "--data.num_classes=2", "--data.max_per_class=4"])
     assert e.value.code == 2 and "Option 'max_per_class' is not accepted" in capsys.readouterr().err
 
