@@ -374,7 +374,7 @@ def test_seeded_dataset_is_independent_of_global_rng():
 
 
 def test_thin_keeps_an_evenly_spaced_subset_in_order():
-    """max_per_class's rule, shared by class folders, segmentation splits and caption splits."""
+    """The rule of max_per_split (every data module) and max_per_class (class folders)."""
     from dtem_lightning.data.store import thin
 
     assert thin(list(range(10)), 4) == [0, 2, 5, 7]
