@@ -146,7 +146,7 @@ class BaseDataModule(L.LightningDataModule):
 
         Evaluation splits should be checked in full here (:meth:`check_images`), a training split is read as it
         goes."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _dataset(split, train) or setup()")
 
     def source(self, split: str) -> str:
         """The split whose data serves ``split``: itself, or the other evaluation split where it is missing."""
@@ -163,6 +163,8 @@ class BaseDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of the splits ``stage`` needs (all splits when None), each source split once, and
         print one line with root, split sizes and classes (and one per evaluation split served by another)."""
+        if stage not in STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SPLITS)}")
         built = {}
         for split in STAGE_SPLITS[stage]:
             key = (self.source(split), split == "train")
