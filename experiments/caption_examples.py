@@ -1,7 +1,7 @@
 """Print captions of a trained CaptioningTask checkpoint next to their references, at several reduction rates.
 
 Usage: python experiments/caption_examples.py CKPT [--root ROOT] [--n 3] [--r 0 8] [--policy ToMe]
-The data settings (data module class, ``ann_file``, ``val_ann_file``, image folders, ``split``, ``max_per_class``)
+The data settings (data module class, ``ann_file``, ``val_ann_file``, image folders, ``split``, ``max_per_split``)
 come from the checkpoint, so the examples are the test split the run was tested on; ``--root`` only moves the
 data. A checkpoint without data settings (a fit outside ``dtem``) needs ``--root`` (a Flickr8k root, ``--coco`` for
 a Karpathy/COCO root, default settings) and says so. Prints the first ``--n`` test images. With ``--grounding``
@@ -71,6 +71,11 @@ def data_from_checkpoint(
     hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
     class_path = hp.pop("_class_path", None)
     hp.pop("_instantiator", None)
+    if "max_per_class" in hp:
+        # checkpoints from before issue 18 store max_per_split under its old name (per split for caption data)
+        if "max_per_split" in hp:
+            raise ValueError(f"{ckpt_path} stores both max_per_class and max_per_split; drop one")
+        hp["max_per_split"] = hp.pop("max_per_class")
     if class_path is not None:
         module, name = class_path.rsplit(".", 1)
         cls = getattr(importlib.import_module(module), name)

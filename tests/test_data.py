@@ -18,8 +18,8 @@ from torchvision import transforms as T
 
 from dtem_lightning.data import BaseDataModule, ImageFolderDataModule, SyntheticDataModule
 from dtem_lightning.data.base import resolve_backbone_config
-from dtem_lightning.data.folder import to_rgb
 from dtem_lightning.data.sampling import ResumableSampler, SeededDataset
+from dtem_lightning.data.store import to_rgb
 
 CIFAR_ZIP = CIFAR
 CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -124,7 +124,7 @@ def test_image_modes_become_rgb(tmp_path):
         x, _ = dm.train_dataset[i]
         assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     for name in ("gray16.png", "int32.tif", "float.tif"):  # rescaled, not clipped to white
-        got = np.asarray(dm.tree.load(str(odd / name)))
+        got = np.asarray(dm.store.load(str(odd / name)))
         assert got.shape == (20, 24, 3) and np.abs(got[..., 0].astype(int) - base[..., 0]).max() <= 1, name
 
 
@@ -374,9 +374,104 @@ def test_seeded_dataset_is_independent_of_global_rng():
 
 
 def test_thin_keeps_an_evenly_spaced_subset_in_order():
-    """max_per_class's rule, shared by class folders, segmentation splits and caption splits."""
+    """The rule of max_per_split (every data module) and max_per_class (class folders)."""
     from dtem_lightning.data.store import thin
 
     assert thin(list(range(10)), 4) == [0, 2, 5, 7]
     assert thin(list(range(10)), None) == list(range(10)) == thin(list(range(10)), 10)
     assert thin(["a", "b", "c"], 1) == ["a"]
+
+
+def _store_tree(root: Path) -> Path:
+    for rel in ("train/a/1.png", "train/a/sub/2.png", "train/a/.hidden.png", "train/a/notes.txt", "train/b/3.jpg",
+                "train/.cache/4.png", "test/a/5.png", "README.txt"):  # fmt: skip
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    return root
+
+
+def test_store_reads_a_folder_and_its_zip_alike(tmp_path):
+    """One Store for folders and zips (here wrapped in one top-level folder): same listing, same bytes, and a
+    store pickles for loader workers without its open zip handle."""
+    from dtem_lightning.data.store import Store
+
+    tree = _store_tree(tmp_path / "data")
+    with zipfile.ZipFile(tmp_path / "data.zip", "w") as zf:
+        for f in sorted(tree.rglob("*")):
+            if f.is_file():
+                zf.write(f, f"wrapped/{f.relative_to(tree).as_posix()}")
+    folder, zipped = (
+        Store(tree, anchors=("train", "test")),
+        Store(tmp_path / "data.zip", anchors=("train", "test")),
+    )
+    assert (folder.prefix, zipped.prefix) == ("", "wrapped/")
+    for store in (folder, zipped):
+        assert store.subdirs("train") == ["a", "b"] and store.isdir("train", "a") and not store.isdir("val")
+        assert [store.rel(n) for n in store.files("train", "a", recursive=True)] == [
+            "train/a/1.png",
+            "train/a/sub/2.png",
+        ]
+        assert [store.rel(n) for n in store.files("train", "a")] == ["train/a/1.png"]
+        assert [store.rel(n) for n in store.files(extensions=None)] == ["README.txt"]
+        assert store.files("val") == [] and store.subdirs("val") == []
+        for rel in ("train/b/3.jpg", "test/a/5.png"):
+            assert (
+                store.exists(store.name(*rel.split("/")))
+                and store.read_bytes(store.name(rel)) == rel.encode()
+            )
+        assert not store.exists(store.name("train/b/0.jpg"))
+    assert zipped.display(zipped.name("train/b/3.jpg")) == str(
+        tmp_path / "data.zip" / "wrapped/train/b/3.jpg"
+    )
+    assert (
+        folder.display(folder.name("train/b/3.jpg"))
+        == str(tree / "train/b/3.jpg")
+        == folder.where("train/b/3.jpg")
+    )
+    again = pickle.loads(pickle.dumps(zipped))  # after a read: the zip handle is open in this process
+    assert again._zip is None and again.read_bytes(again.name("test/a/5.png")) == b"test/a/5.png"
+    assert again.files("train", "a", recursive=True) == zipped.files("train", "a", recursive=True)
+
+
+def test_max_per_split_counts_per_split_and_keeps_classes_balanced(tmp_path):
+    """max_per_split: at most N samples per split, evenly spaced in (class, name) order for image folders, so
+    classes stay balanced; applied after max_per_class; every data module has it."""
+    from conftest import make_image_tree
+
+    root = make_image_tree(tmp_path / "imgs", classes=3, per_class=8)
+    dm = ImageFolderDataModule(str(root), max_per_split=6, img_size=32, train_transform="simple")
+    dm.setup(None)
+    for ds in (dm.train_dataset, dm.val_dataset, dm.test_dataset):
+        assert len(ds) == 6 and np.bincount(ds.targets).tolist() == [2, 2, 2]
+    assert [Path(n).name for n, _ in dm.test_dataset.samples[:2]] == ["0.png", "4.png"]  # evenly spaced
+    both = ImageFolderDataModule(str(root), max_per_class=3, max_per_split=6, img_size=32)
+    both.setup("test")
+    names = [Path(n).name for n, _ in both.test_dataset.samples]
+    assert names == ["0.png", "2.png"] * 3 and both.test_dataset.targets == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+    ]  # of 0, 2, 5 each
+    synthetic = SyntheticDataModule(num_classes=2, num_samples=8, max_per_split=3)
+    synthetic.setup()
+    assert [len(d) for d in (synthetic.train_dataset, synthetic.val_dataset, synthetic.test_dataset)] == [
+        3,
+        3,
+        3,
+    ]
+    with pytest.raises(ValueError, match="max_per_split must be >= 1 or None, got 0"):
+        SyntheticDataModule(max_per_split=0)
+
+
+@needs_cifar
+def test_debug_max_per_split_40_keeps_the_images_of_max_per_class_4():
+    """configs/debug.yaml's max_per_split 40 on the 10 CIFAR classes: the images max_per_class 4 kept."""
+    per_class = ImageFolderDataModule(str(CIFAR_ZIP), max_per_class=4, img_size=32)
+    per_split = ImageFolderDataModule(str(CIFAR_ZIP), max_per_split=40, img_size=32)
+    for dm in (per_class, per_split):
+        dm.setup(None)
+    for split in ("train_dataset", "val_dataset", "test_dataset"):
+        assert getattr(per_split, split).samples == getattr(per_class, split).samples

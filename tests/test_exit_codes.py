@@ -59,8 +59,10 @@ def one_error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
 def test_sigterm_mid_epoch_exits_143_with_a_resumable_checkpoint(tree, tmp_path):
     """SIGTERM after step 2 of 6 (mid epoch 0): exit 143 and a last.ckpt at step 2; resuming it gives the same
     weights as a run that was never stopped."""
+    # max_per_split 12: 4 images per class, 3 steps per epoch
     fit = ["fit", *DEBUG, f"--data.init_args.root={tree}", "--trainer.max_epochs=2", "--data.init_args.batch_size=4",
-           "--trainer.limit_train_batches=null", "--trainer.logger.init_args.version=run"]  # fmt: skip
+           "--trainer.limit_train_batches=null", "--trainer.logger.init_args.version=run",
+           "--data.init_args.max_per_split=12"]  # fmt: skip
     stopped = dtem(*fit, f"--trainer.logger.init_args.save_dir={tmp_path / 'a'}",
                    "--trainer.callbacks+=terminator.TermAtStep", "--trainer.callbacks.step=2")  # fmt: skip
     last = tmp_path / "a" / "debug" / "run" / "checkpoints" / "last.ckpt"
@@ -194,32 +196,32 @@ def test_bad_images_are_found_at_setup(tree, tmp_path):
     """data/checks.py: every image of a split is opened (header only) in setup; a corrupt image or a caption's
     missing image is named before any training or sweep."""
     from dtem_lightning.data.checks import check_images
-    from dtem_lightning.data.folder import ImageTree
+    from dtem_lightning.data.store import Store
 
     bad = shutil.copytree(tree, tmp_path / "bad")
     (bad / "test" / "c2" / "5.png").write_bytes(b"\x89PNG but not really")
-    names = [n for c in ("c0", "c1", "c2") for n in ImageTree(bad).files("test", c)]
+    names = [n for c in ("c0", "c1", "c2") for n in Store(bad).files("test", c, recursive=True)]
     missing = str(bad / "test" / "c0" / "gone.png")  # a caption naming an image that is not there
     with pytest.raises(ValueError) as e:
-        check_images(ImageTree(bad), [*names, missing], "test")
+        check_images(Store(bad), [*names, missing], "test")
     message = str(e.value)
     assert message.startswith("2 of 25 images of the test split cannot be read:"), message
     assert f"{bad / 'test' / 'c2' / '5.png'} (UnidentifiedImageError)" in message
     assert f"{missing} (no such file)" in message
-    assert check_images(ImageTree(bad), names, "test", strict=False) == [str(bad / "test" / "c2" / "5.png")]
-    assert check_images(ImageTree(tree), names[:3], "test") == []
+    assert check_images(Store(bad), names, "test", strict=False) == [str(bad / "test" / "c2" / "5.png")]
+    assert check_images(Store(tree), names[:3], "test") == []
 
 
 def test_corrupt_eval_image_fails_the_fit_before_training(tree, tmp_path):
     """Through the CLI: a corrupt image of the split used for validation stops `dtem fit` at setup (one line,
     exit 2, no step trained), not after the first epoch."""
     bad = shutil.copytree(tree, tmp_path / "bad")  # no val/: validation uses test/
-    (bad / "test" / "c1" / "2.png").write_bytes(b"not an image")  # among debug.yaml's max_per_class 4
+    (bad / "test" / "c1" / "2.png").write_bytes(b"not an image")  # debug.yaml keeps all 24 test images
     out = tmp_path / "out"
     proc = dtem("fit", *DEBUG, f"--data.init_args.root={bad}", f"--trainer.logger.init_args.save_dir={out}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("dtem: error")]
-    assert len(err) == 1 and "1 of 12 images of the test split cannot be read" in err[0], proc.stderr[-2000:]
+    assert len(err) == 1 and "1 of 24 images of the test split cannot be read" in err[0], proc.stderr[-2000:]
     assert f"{bad / 'test' / 'c1' / '2.png'} (UnidentifiedImageError)" in err[0]
     assert not list(out.rglob("*.ckpt"))  # nothing trained
 

@@ -252,7 +252,7 @@ def _seg_tree(root: Path, n: int) -> str:
 
 
 def test_segmentation_sweep_intervals_from_summed_class_counts(tmp_path):
-    from dtem_lightning.data.segmentation import CamVidDataModule
+    from dtem_lightning.data import CamVidDataModule
 
     L.seed_everything(0, verbose=False)
     dm = CamVidDataModule(_seg_tree(tmp_path / "camvid", 5), img_size=32, batch_size=2,

@@ -14,8 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from dtem_lightning.cli import main
-from dtem_lightning.data.captions import Flickr8kDataModule
-from dtem_lightning.data.segmentation import CamVidDataModule
+from dtem_lightning.data import CamVidDataModule, Flickr8kDataModule
 from dtem_lightning.patch import MergeBlock
 from dtem_lightning.policy import DTEMSoft
 from dtem_lightning.tasks.captioning import CaptioningTask

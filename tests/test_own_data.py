@@ -25,7 +25,7 @@ from dtem_lightning.data import (
     SegmentationDataModule,
     SyntheticDataModule,
 )
-from dtem_lightning.data.segmentation import IGNORE_INDEX
+from dtem_lightning.labelmaps import IGNORE_INDEX
 
 CONFIGS = ROOT / "configs"
 SEG = dict(img_size=32, batch_size=2)  # small crops, small batches
@@ -192,6 +192,10 @@ def test_cli_segmentation_module_errors_in_one_line(tmp_path, capsys):
         errors = [line for line in err.splitlines() if line.startswith("dtem: error:")]
         assert len(errors) == 1 and needle in errors[0], err
         assert "Traceback" not in err and "IndexError" not in err
+    # the per-split limit is max_per_split; max_per_class is for class folders only
+    with pytest.raises(SystemExit) as e:
+        main([*base, f"--data.root={empty}", "--data.num_classes=2", "--data.max_per_class=4"])
+    assert e.value.code == 2 and "Option 'max_per_class' is not accepted" in capsys.readouterr().err
 
 
 def test_cli_fit_and_test_own_segmentation_folders(tmp_path, capsys):
@@ -203,7 +207,7 @@ def test_cli_fit_and_test_own_segmentation_folders(tmp_path, capsys):
     (last,) = tmp_path.rglob("last.ckpt")
     main(["test", *args, f"--ckpt_path={last}"])
     out = capsys.readouterr().out
-    assert f"data: SegmentationDataModule root={root} train=4 val=1 classes=2" in out  # max_per_class 4
+    assert f"data: SegmentationDataModule root={root} train=10 val=1 classes=2" in out  # all 12 images
     assert f"data: SegmentationDataModule root={root} test=1 classes=2" in out
     rows = read_sweep(tmp_path)
     assert list(rows[0])[4:6] == ["miou", "pixel_acc"] and {r["policy"].split(" (")[0] for r in rows} >= {
@@ -236,6 +240,24 @@ def caption_root(root: Path, n: int = 20) -> Path:
             anns.append({"image_id": 100 + i, "caption": " ".join(g.choice(WORDS, 6)) + " ."})
     (root / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     return root
+
+
+def test_caption_examples_translate_the_old_max_per_class(tmp_path):
+    """A checkpoint from before the rename stores the caption data's per-split limit as ``max_per_class``;
+    caption_examples rebuilds the data with it as ``max_per_split``."""
+    root = caption_root(tmp_path / "coco")
+    hp = {"_class_path": "dtem_lightning.data.CocoCaptionDataModule", "root": str(root), "ann_file": "captions.json",
+          "val_ann_file": None, "image_dir": "images", "min_freq": 1, "img_size": 32, "max_per_class": 2}  # fmt: skip
+    torch.save({"datamodule_hyper_parameters": hp, "hyper_parameters": {}}, old := tmp_path / "old.ckpt")
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import caption_examples
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+    dm = caption_examples.data_from_checkpoint(str(old))
+    assert dm.max_per_split == 2 and [len(v) for v in dm.samples.values()] == [2, 2, 2]
+    with pytest.raises(TypeError, match="max_per_class"):  # the module itself knows only max_per_split
+        CocoCaptionDataModule(str(root), ann_file="captions.json", val_ann_file=None, max_per_class=2)
 
 
 def coco_subset(src: Path, dst: Path, keep: range) -> None:
@@ -292,7 +314,7 @@ def test_caption_examples_read_data_settings_from_checkpoint(tmp_path, capsys, m
     root = caption_root(tmp_path / "coco")
     args = ["-c", str(CONFIGS / "flickr8k_small.yaml"), "-c", str(CONFIGS / "debug.yaml"),
             "--data=CocoCaptionDataModule", f"--data.root={root}", "--data.ann_file=captions.json",
-            "--data.val_ann_file=null", "--data.image_dir=images", "--data.min_freq=1", "--data.max_per_class=null",
+            "--data.val_ann_file=null", "--data.image_dir=images", "--data.min_freq=1", "--data.max_per_split=null",
             f"--trainer.logger.init_args.save_dir={tmp_path}", "--model.init_args.use_meteor=false",
             "--model.init_args.decoder_width=32", "--model.init_args.decoder_depth=1",
             "--model.init_args.decoder_heads=2", "--model.init_args.max_len=6"]  # fmt: skip

@@ -12,13 +12,9 @@ import timm
 import torch
 from PIL import Image
 
-from dtem_lightning.data.segmentation import (
-    CAMVID_CLASSES,
-    IGNORE_INDEX,
-    ADE20KDataModule,
-    CamVidDataModule,
-    JointTransform,
-)
+from dtem_lightning.data import ADE20KDataModule, CamVidDataModule
+from dtem_lightning.data.seg_samples import JointTransform
+from dtem_lightning.labelmaps import CAMVID_CLASSES, IGNORE_INDEX
 from dtem_lightning.policy import DTEMHard, NoMerge, ToMe
 from dtem_lightning.tasks.segmentation import SegmentationTask, _starts
 
@@ -147,7 +143,7 @@ def test_joint_transform_never_interpolates_labels():
 
 def test_camvid_and_ade20k_data_modules(tmp_path):
     root = make_tree(tmp_path / "camvid", CAMVID_LAYOUT, n=3, top=12)
-    dm = CamVidDataModule(root, img_size=32, batch_size=2, max_per_class=2)
+    dm = CamVidDataModule(root, img_size=32, batch_size=2, max_per_split=2)
     dm.setup("fit")
     assert len(dm.train_dataset) == 2 and dm.class_names[0] == "sky"
     x, y = next(iter(dm.train_dataloader()))

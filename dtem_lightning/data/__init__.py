@@ -4,7 +4,8 @@ Karpathy JSON, Flickr8k) and synthetic images for tests. See docs/data.md for th
 from dtem_lightning.data.base import BaseDataModule
 from dtem_lightning.data.captions import CocoCaptionDataModule, Flickr8kDataModule
 from dtem_lightning.data.folder import ImageFolderDataModule
-from dtem_lightning.data.segmentation import ADE20KDataModule, CamVidDataModule, SegmentationDataModule
+from dtem_lightning.data.seg_datasets import ADE20KDataModule, CamVidDataModule
+from dtem_lightning.data.segmentation import SegmentationDataModule
 from dtem_lightning.data.synthetic import SyntheticDataModule
 
 __all__ = [

@@ -1,8 +1,9 @@
-"""BaseDataModule: batch and loader settings plus transforms resolved from the backbone's timm config."""
+"""BaseDataModule: batch and loader settings, transforms resolved from the backbone's timm config, and the
+``setup`` every data module shares (datasets through ``_dataset(split, train)``, fallback splits, one line)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import lightning as L
@@ -16,15 +17,20 @@ from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from dtem_lightning.data.checks import check_images
 from dtem_lightning.data.sampling import (
     ResumableDataLoader,
     ResumableSampler,
     SeededDataset,
     samples_done_this_epoch,
 )
+from dtem_lightning.data.store import Store
 
 TINY_SIZE = 64  # at or below this side length images are resized, never randomly cropped from a large canvas
 TRAIN_TRANSFORMS = ("deit", "simple")
+SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {None: SPLITS, "fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                "predict": ("test",)}  # fmt: skip
 
 
 def resolve_backbone_config(backbone: str) -> dict[str, Any]:
@@ -66,10 +72,13 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
 
 
 class BaseDataModule(L.LightningDataModule):
-    """Loader settings and timm-style transforms shared by every data module.
+    """Loader settings, timm-style transforms and the ``setup`` shared by every data module.
 
-    Subclasses set ``num_classes`` (where it applies) in ``__init__`` and ``train_dataset``, ``val_dataset``,
-    ``test_dataset`` in ``setup``; the dataloaders here read those attributes.
+    Subclasses take these arguments through ``**kwargs``, set ``num_classes`` (where it applies) in
+    ``__init__`` and implement :meth:`_dataset`; ``setup`` builds the datasets the stage needs through it
+    (``train_dataset``, ``val_dataset``, ``test_dataset``, which the dataloaders read), lets one evaluation
+    split serve the other where :meth:`source` says so (one line, ``fallback_note``), and prints one line with
+    root, split sizes and classes.
 
     Args:
         batch_size: samples per batch (per device), for every split.
@@ -79,10 +88,17 @@ class BaseDataModule(L.LightningDataModule):
         crop_pct: eval center-crop fraction (resize to ``img_size / crop_pct``, then crop); default: the
             backbone's pretrained config, or 1.0 (no crop) when ``img_size`` <= 64.
         pin_memory: pin host memory for faster copies; default: only when CUDA is available.
+        max_per_split: keep at most this many samples per split, evenly spaced in the split's sorted order (the
+            same subset every run; image folders are sorted by class, then name, so it stays class-balanced).
+            Use it, not ``--trainer.limit_*_batches``, to run on a fraction of the data: a batch limit on the
+            unshuffled evaluation loaders evaluates only the first classes, and ``1`` is one batch.
     """
 
     num_classes: int
     collate_fn: Callable | None = None  # batch assembly of the loaders (None: PyTorch's default collate)
+    store: Store  # where the files are (data modules that read files)
+    # the line when ``source`` lets one evaluation split serve another; None: no line
+    fallback_note: ClassVar[str | None] = "data: no {split} split in {root}: {split} uses the {used} images"
     _announced: ClassVar[set[str]] = set()  # data lines this process printed (setup runs once per stage)
 
     def __init__(
@@ -93,6 +109,7 @@ class BaseDataModule(L.LightningDataModule):
         img_size: int | None = None,
         crop_pct: float | None = None,
         pin_memory: bool | None = None,
+        max_per_split: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -103,6 +120,9 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"img_size must be >= 1, got {img_size}")
         if crop_pct is not None and not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        if max_per_split is not None and max_per_split < 1:
+            raise ValueError(f"max_per_split must be >= 1 or None, got {max_per_split}")
+        self.max_per_split = max_per_split
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.backbone = backbone
@@ -119,6 +139,49 @@ class BaseDataModule(L.LightningDataModule):
         self.train_dataset: Dataset | None = None
         self.val_dataset: Dataset | None = None
         self.test_dataset: Dataset | None = None
+        self._datasets: dict[tuple[str, bool], Dataset] = {}  # (source split, train) -> dataset, built once
+
+    def _dataset(self, split: str, train: bool) -> Dataset:
+        """The dataset of ``split`` (a split :meth:`source` returns), with training or evaluation transforms.
+
+        Evaluation splits should be checked in full here (:meth:`check_images`), a training split is read as it
+        goes."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _dataset(split, train) or setup()")
+
+    def source(self, split: str) -> str:
+        """The split whose data serves ``split``: itself, or the other evaluation split where it is missing."""
+        return split
+
+    def split_sizes(self, built: Mapping[str, Dataset]) -> dict[str, int | str]:
+        """The ``split=N`` fields of the setup line (default: the splits this ``setup`` built)."""
+        return {split: len(ds) for split, ds in built.items()}
+
+    def announce_fields(self) -> dict[str, object]:
+        """More ``key=value`` fields of the setup line, after the classes."""
+        return {}
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets of the splits ``stage`` needs (all splits when None), each source split once, and
+        print one line with root, split sizes and classes (and one per evaluation split served by another)."""
+        if stage not in STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SPLITS)}")
+        built = {}
+        for split in STAGE_SPLITS[stage]:
+            key = (self.source(split), split == "train")
+            if key not in self._datasets:
+                self._datasets[key] = self._dataset(*key)
+            built[split] = self._datasets[key]
+            setattr(self, f"{split}_dataset", built[split])
+        self.announce(self.split_sizes(built), getattr(self, "num_classes", None), **self.announce_fields())
+        # said at every stage: a fit validating on test images matters as much as a test on val images
+        for split in ("val", "test"):
+            if (used := self.source(split)) != split and self.fallback_note is not None:
+                self.note(self.fallback_note.format(split=split, used=used, root=getattr(self, "root", None)))
+
+    def check_images(self, names: Sequence[str], split: str, strict: bool = True) -> list[str]:
+        """Refuse (``strict``) or list the missing or unreadable images of an evaluation split, before any epoch
+        (see :func:`~dtem_lightning.data.checks.check_images`)."""
+        return check_images(self.store, names, split, self.store.display, strict)
 
     def announce(
         self,

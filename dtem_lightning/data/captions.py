@@ -9,7 +9,7 @@ import json
 import os
 import posixpath
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,14 +17,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from dtem_lightning.data.base import TRAIN_TRANSFORMS, BaseDataModule
-from dtem_lightning.data.checks import check_images
-from dtem_lightning.data.folder import ImageTree
-from dtem_lightning.data.store import thin
+from dtem_lightning.data.base import SPLITS, TRAIN_TRANSFORMS, BaseDataModule
+from dtem_lightning.data.store import Store, thin
 from dtem_lightning.text import Vocabulary
 
-Sample = tuple[str, list[str]]  # (image name for ImageTree.load, reference captions)
-SPLITS = ("train", "val", "test")
+Sample = tuple[str, list[str]]  # (image name for Store.load, reference captions)
 
 
 def collate_captions(batch: list[tuple[Tensor, list[str]]]) -> tuple[Tensor, list[list[str]]]:
@@ -33,18 +30,18 @@ def collate_captions(batch: list[tuple[Tensor, list[str]]]) -> tuple[Tensor, lis
 
 
 class CaptionDataset(Dataset):
-    """(image tensor, reference captions) pairs read through an :class:`ImageTree`.
+    """(image tensor, reference captions) pairs read through a :class:`~dtem_lightning.data.store.Store`.
 
     Args:
-        tree: where the images live (folder or zip archive).
+        store: where the images live (folder or zip archive).
         samples: (image name, captions) pairs.
         transform: PIL image -> tensor [C, H, W].
     """
 
     def __init__(
-        self, tree: ImageTree, samples: list[Sample], transform: Callable[[Image.Image], Tensor]
+        self, store: Store, samples: list[Sample], transform: Callable[[Image.Image], Tensor]
     ) -> None:
-        self.tree, self.samples, self.transform = tree, samples, transform
+        self.store, self.samples, self.transform = store, samples, transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -52,9 +49,9 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, list[str]]:
         name, captions = self.samples[index]
         try:
-            img = self.tree.load(name)
+            img = self.store.load(name)
         except Exception as err:  # PIL and zipfile raise many types
-            raise ValueError(f"cannot read image {self.tree.display(name)}: {err!r}") from err
+            raise ValueError(f"cannot read image {self.store.display(name)}: {err!r}") from err
         return self.transform(img), captions
 
 
@@ -108,17 +105,12 @@ class CaptionDataModule(BaseDataModule):
         split: (train, val) fractions of the deterministic split by sorted image name, used when the data
             has no split of its own (the rest is test).
         train_transform: ``simple`` (crop/resize + flip), ``deit`` or ``eval`` (no augmentation).
-        max_per_class: keep at most this many images per split, evenly spaced in name order (quick runs; the
-            name matches :class:`ImageFolderDataModule` so ``configs/debug.yaml`` fits every task).
-        batch_size: see ``BaseDataModule``.
-        num_workers: see ``BaseDataModule``.
-        backbone: see ``BaseDataModule``.
-        img_size: see ``BaseDataModule``.
-        crop_pct: see ``BaseDataModule``.
-        pin_memory: see ``BaseDataModule``.
+        **kwargs: see :class:`~dtem_lightning.data.base.BaseDataModule` (batch and loader settings,
+            ``max_per_split``: at most this many images per split, evenly spaced in name order).
     """
 
     collate_fn = staticmethod(collate_captions)
+    fallback_note = None  # a test split that is the val split shows as test=N(=val) in the setup line
 
     def __init__(
         self,
@@ -126,27 +118,19 @@ class CaptionDataModule(BaseDataModule):
         min_freq: int = 5,
         split: tuple[float, float] = (0.8, 0.1),
         train_transform: str = "simple",
-        max_per_class: int | None = None,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        backbone: str = "vit_tiny_patch16_224",
-        img_size: int | None = None,
-        crop_pct: float | None = None,
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, backbone, img_size, crop_pct, pin_memory)
+        super().__init__(**kwargs)
         self.save_hyperparameters()  # stored in checkpoints: examples and tests rebuild the same splits
         if train_transform not in (*TRAIN_TRANSFORMS, "eval"):
             raise ValueError(
                 f"train_transform must be one of {(*TRAIN_TRANSFORMS, 'eval')}, got {train_transform!r}"
             )
-        if max_per_class is not None and max_per_class < 1:
-            raise ValueError(f"max_per_class must be >= 1 or None, got {max_per_class}")
         if not (0 < split[0] and 0 <= split[1] and split[0] + split[1] < 1):
             raise ValueError(f"split fractions must be positive and sum below 1, got {split}")
         self.root, self.min_freq, self.split = root, min_freq, tuple(split)
-        self.train_transform, self.max_per_class = train_transform, max_per_class
-        self.tree = ImageTree(root)
+        self.train_transform = train_transform
+        self.store = Store(root)
         splits = self.read_splits()
         for name in SPLITS:
             if name not in splits and name != "test":
@@ -154,14 +138,14 @@ class CaptionDataModule(BaseDataModule):
         splits.setdefault("test", splits["val"])
         self.test_is_val = splits["test"] is splits["val"]  # one evaluation set serving both stages
         check_disjoint(splits, type(self).__name__)
-        self.samples = {k: self._limit(v) for k, v in splits.items()}
+        self.samples = {k: thin(v, self.max_per_split) for k, v in splits.items()}
         for name, samples in self.samples.items():
             if not samples:
                 raise ValueError(f"the {name} split of {root} is empty")
             first = samples[0][0]
-            if not self.tree.exists(first):  # a wrong image folder fails here, not at the first batch
+            if not self.store.exists(first):  # a wrong image folder fails here, not at the first batch
                 raise FileNotFoundError(
-                    f"image {self.tree.display(first)} of the {name} split not found{self.image_hint(name)}"
+                    f"image {self.store.display(first)} of the {name} split not found{self.image_hint(name)}"
                 )
         self.vocab = Vocabulary.build((c for _, caps in splits["train"] for c in caps), min_freq)
         self.vocab_size = len(self.vocab)
@@ -174,37 +158,35 @@ class CaptionDataModule(BaseDataModule):
         """Advice appended to the error for a missing image of ``split`` (which setting names its folder)."""
         return ""
 
-    def _limit(self, samples: list[Sample]) -> list[Sample]:
-        return thin(samples, self.max_per_class)
-
     def read_text(self, name: str) -> str:
         """A text file under ``root`` (a member name for zip roots); ``.gz`` files are decompressed."""
-        data = self.tree.read_bytes(name if self.tree.is_zip else os.path.join(self.root, name))
+        data = self.store.read_bytes(self.store.name(name))
         if name.endswith(".gz"):
             data = gzip.decompress(data)
         return data.decode("utf-8")
 
     def image_name(self, *parts: str) -> str:
-        """Name of an image for ``ImageTree.load`` from path parts relative to ``root``."""
-        rel = posixpath.join(*[p for p in parts if p])
-        return rel if self.tree.is_zip else os.path.join(self.root, rel)
+        """Name of an image for ``Store.load`` from path parts relative to ``root``."""
+        return self.store.name(*parts)
 
-    def setup(self, stage: str | None = None) -> None:
-        """Build the datasets of the splits ``stage`` needs (all when None)."""
-        if stage in (None, "fit"):
-            self.train_dataset = CaptionDataset(
-                self.tree, self.samples["train"], self.transform(self.train_transform)
-            )
-        if stage in (None, "fit", "validate"):
-            check_images(self.tree, [name for name, _ in self.samples["val"]], "val")  # before any epoch
-            self.val_dataset = CaptionDataset(self.tree, self.samples["val"], self.transform("eval"))
-        if stage in (None, "test", "predict"):
-            check_images(self.tree, [name for name, _ in self.samples["test"]], "test")  # before the sweep
-            self.test_dataset = CaptionDataset(self.tree, self.samples["test"], self.transform("eval"))
+    def source(self, split: str) -> str:
+        return "val" if split == "test" and self.test_is_val else split
+
+    def _dataset(self, split: str, train: bool) -> CaptionDataset:
+        samples = self.samples[split]
+        if not train:  # before any epoch, and before the test sweep
+            self.check_images([name for name, _ in samples], split)
+        return CaptionDataset(self.store, samples, self.transform(self.train_transform if train else "eval"))
+
+    def split_sizes(self, built: Mapping[str, Dataset]) -> dict[str, int | str]:
+        """Every split, whichever this ``setup`` built (they are listed at construction)."""
         sizes: dict[str, int | str] = {k: len(self.samples[k]) for k in SPLITS}
         if self.test_is_val:
             sizes["test"] = f"{sizes['test']}(=val)"
-        self.announce(sizes, vocab=self.vocab_size)
+        return sizes
+
+    def announce_fields(self) -> dict[str, object]:
+        return {"vocab": self.vocab_size}
 
 
 class Flickr8kDataModule(CaptionDataModule):
@@ -216,12 +198,7 @@ class Flickr8kDataModule(CaptionDataModule):
     """
 
     def read_splits(self) -> dict[str, list[Sample]]:
-        if self.tree.is_zip:
-            members = self.tree.members()
-        else:
-            members = [
-                os.path.relpath(os.path.join(d, f), self.root) for d, _, fs in os.walk(self.root) for f in fs
-            ]
+        members = [self.store.rel(n) for n in self.store.files(extensions=None, recursive=True)]
         found = sorted((m for m in members if posixpath.basename(m) == "captions.txt"), key=len)
         if not found:
             raise FileNotFoundError(f"no captions.txt in {self.root}")

@@ -8,7 +8,6 @@ so a file truncated after its header still fails later, where it is read).
 
 from __future__ import annotations
 
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,7 @@ from typing import IO
 
 from PIL import Image
 
-from dtem_lightning.data.store import DataRoot
+from dtem_lightning.data.store import Store
 
 # Names shown in the error; the rest are counted.
 _SHOWN = 3
@@ -35,7 +34,7 @@ def _header_problem(source: Callable[[], str | IO[bytes]]) -> str | None:
     return None
 
 
-def image_problems(root: DataRoot, names: Sequence[str], workers: int = 8) -> list[tuple[str, str]]:
+def image_problems(root: Store, names: Sequence[str], workers: int = 8) -> list[tuple[str, str]]:
     """(name, reason) of each image in ``names`` that is missing or has no readable image header.
 
     ``names`` are what ``root`` reads: paths for a folder root, member names for a zip root. Folder roots are
@@ -43,11 +42,10 @@ def image_problems(root: DataRoot, names: Sequence[str], workers: int = 8) -> li
     thread through one handle of its own (zip handles must not be shared).
     """
     if root.is_zip:
-        members = set(root.members())
         found = []
         with zipfile.ZipFile(root.root) as zf:
             for name in names:
-                if name not in members:
+                if not root.exists(name):
                     found.append((name, "no such member"))
                 elif (why := _header_problem(lambda n=name: zf.open(n))) is not None:  # reads the header only
                     found.append((name, why))
@@ -58,7 +56,7 @@ def image_problems(root: DataRoot, names: Sequence[str], workers: int = 8) -> li
 
 
 def check_images(
-    root: DataRoot,
+    root: Store,
     names: Sequence[str],
     split: str,
     display: Callable[[str], str] | None = None,
@@ -71,7 +69,7 @@ def check_images(
         root: the data module's folder or zip.
         names: every image name the split will read (for a caption set: every image a caption names).
         split: the split's name, for the message (``val``, ``test``...).
-        display: name -> location a user would look for (default: the name, joined to the zip's path for a zip).
+        display: name -> location a user would look for (default: ``root.display``).
         strict: raise; when False (a data module's ``skip_corrupt``), return the bad names for it to skip.
         workers: reader threads for a folder root.
 
@@ -84,7 +82,7 @@ def check_images(
     found = image_problems(root, names, workers)
     if not found or not strict:
         return [n for n, _ in found]
-    show = display or ((lambda n: os.path.join(root.root, n)) if root.is_zip else (lambda n: n))
+    show = display or root.display
     listed = "; ".join(f"{show(n)} ({why})" for n, why in found[:_SHOWN])
     more = f"; and {len(found) - _SHOWN} more" if len(found) > _SHOWN else ""
     raise ValueError(

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import TensorDataset
 
 from dtem_lightning.data.base import BaseDataModule
+from dtem_lightning.data.store import thin
 
 
 class SyntheticDataModule(BaseDataModule):
@@ -16,14 +19,11 @@ class SyntheticDataModule(BaseDataModule):
 
     Args:
         num_classes: number of classes.
-        num_samples: images per split.
+        num_samples: images per split (before ``max_per_split``).
         img_size: square image side.
         noise: per-pixel standard deviation around the class colour (colours are uniform in [-1, 1]).
         seed: generator seed.
-        batch_size: see ``BaseDataModule``.
-        num_workers: see ``BaseDataModule``.
-        backbone: see ``BaseDataModule``.
-        pin_memory: see ``BaseDataModule``.
+        **kwargs: see :class:`~dtem_lightning.data.base.BaseDataModule`.
     """
 
     def __init__(
@@ -33,12 +33,9 @@ class SyntheticDataModule(BaseDataModule):
         img_size: int = 32,
         noise: float = 1.0,
         seed: int = 0,
-        batch_size: int = 32,
-        num_workers: int = 0,
-        backbone: str = "vit_tiny_patch16_224",
-        pin_memory: bool | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, backbone, img_size=img_size, pin_memory=pin_memory)
+        super().__init__(img_size=img_size, crop_pct=None, **kwargs)  # no transforms: crop_pct is meaningless
         self.save_hyperparameters()
         if num_classes < 1 or num_samples < 1:
             raise ValueError(f"num_classes and num_samples must be >= 1, got {num_classes}, {num_samples}")
@@ -47,22 +44,20 @@ class SyntheticDataModule(BaseDataModule):
         self.noise = noise
         self.seed = seed
 
-    def _split(self, offset: int) -> TensorDataset:
+    def _dataset(self, split: str, train: bool) -> TensorDataset:
         g = torch.Generator().manual_seed(self.seed)
         colours = torch.rand(self.num_classes, 3, generator=g) * 2 - 1  # same for every split
-        g.manual_seed(self.seed + 1 + offset)
+        g.manual_seed(self.seed + 1 + ("train", "val", "test").index(split))
         y = torch.arange(self.num_samples) % self.num_classes
         x = colours[y][:, :, None, None] + self.noise * torch.randn(
             self.num_samples, *self.input_size, generator=g
         )
-        return TensorDataset(x, y)
+        keep = thin(range(self.num_samples), self.max_per_split)
+        return TensorDataset(x[keep], y[keep])
 
     def setup(self, stage: str | None = None) -> None:
         """Make the three splits (cheap and deterministic, so every stage gets all of them)."""
-        self.train_dataset = self._split(0)
-        self.val_dataset = self._split(1)
-        self.test_dataset = self._split(2)
-        n = self.num_samples
-        self.announce(
-            {"train": n, "val": n, "test": n}, self.num_classes, root="none (generated)", seed=self.seed
-        )
+        super().setup(None)
+
+    def announce_fields(self) -> dict[str, object]:
+        return {"root": "none (generated)", "seed": self.seed}

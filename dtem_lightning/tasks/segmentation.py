@@ -15,8 +15,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from dtem_lightning import flops, stats
-from dtem_lightning.data.segmentation import IGNORE_INDEX, colorize, default_palette
 from dtem_lightning.io import save_image, write_csv
+from dtem_lightning.labelmaps import IGNORE_INDEX, colorize, default_palette
 from dtem_lightning.tasks.base import BaseTask
 from dtem_lightning.tasks.decoders import DECODERS, LinearDecoder, MaskTransformer
 
