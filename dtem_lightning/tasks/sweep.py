@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 from torch import Tensor
@@ -64,6 +64,22 @@ def policy_config(policy: MergePolicy) -> tuple[type, tuple[tuple[str, Any], ...
     return None if any(v is missing for _, v in args) else (type(policy), args)
 
 
+Rate = TypeVar("Rate")
+
+
+def sweep_rows(
+    policies: Sequence[tuple[str, MergePolicy]], rs: Sequence[Rate]
+) -> list[tuple[int, str, MergePolicy, Rate]]:
+    """(index, label, policy, r) of a sweep of labelled ``policies`` over the rates ``rs``.
+
+    NoMerge is one row at r = 0 (every policy at r = 0 computes exactly it); every other policy has a row per r.
+    """
+    out: list[tuple[int, str, MergePolicy, Rate]] = []
+    for i, (label, p) in enumerate(policies):
+        out += [(i, label, p, 0)] if isinstance(p, NoMerge) else [(i, label, p, r) for r in rs]
+    return out
+
+
 class SweepMixin:
     """The test loop of :class:`~dtem_lightning.tasks.base.BaseTask`: every policy at every ``test_r`` in one pass.
 
@@ -115,13 +131,7 @@ class SweepMixin:
         r = 0 is NoMerge whatever the policy (bit-identical), so it is one row: NoMerge's (added to the
         test policies when ``test_r`` holds a zero rate and no NoMerge is listed).
         """
-        out = []
-        for i, (label, p) in enumerate(self.policies()):
-            if isinstance(p, NoMerge):
-                out.append((i, label, p, 0))
-                continue
-            out += [(i, label, p, r) for r in self.test_r if any(self.encoder.schedule(r))]
-        return out
+        return sweep_rows(self.policies(), [r for r in self.test_r if any(self.encoder.schedule(r))])
 
     @staticmethod
     def sweep_key(i: int, r: int | list[int]) -> str:
