@@ -438,38 +438,6 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Let a checkpoint trained with one policy be tested with another.
-
-        Policy weights the current policies do not have (or have in another shape, e.g. another embedding
-        width) are dropped, and policy weights they need but the checkpoint lacks keep their initialisation;
-        each case prints one line.
-        """
-        state = checkpoint.get("state_dict", {})
-        own = self.state_dict()
-        policy_keys = ("policy.", "test_policies.")
-        other_shape = [
-            k for k in state if k.startswith(policy_keys) and k in own and state[k].shape != own[k].shape
-        ]
-        extra = [k for k in state if k.startswith(policy_keys) and k not in own] + other_shape
-        missing = [k for k in own if k.startswith(policy_keys) and k not in state] + other_shape
-        first = extra[0] if extra else None
-        if first in other_shape:
-            first = f"{first}: {list(state[first].shape)} in the checkpoint, {list(own[first].shape)} here"
-        for k in extra:
-            del state[k]
-        for k in missing:
-            state[k] = own[k]
-        if extra:
-            warnings.warn(
-                f"checkpoint policy weights unused by {type(self.policy).__name__}: {len(extra)} tensors "
-                f"ignored ({first}, ...)",
-                stacklevel=2,
-            )
+        """Policy weights as :meth:`SweepMixin.on_load_checkpoint` fits them; the checkpoint's head is trained."""
+        super().on_load_checkpoint(checkpoint)
         self._dropped_head = None  # the checkpoint's head replaces the new one
-        self._policy_trained = not any(k.startswith("policy.") for k in missing)
-        if not self._policy_trained:
-            warnings.warn(
-                f"checkpoint has no weights for {type(self.policy).__name__}: its parameters keep "
-                "their initialisation",
-                stacklevel=2,
-            )

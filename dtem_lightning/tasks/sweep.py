@@ -156,6 +156,42 @@ class SweepMixin:
         """Tokens entering block 0 for images of ``input_size``."""
         return self.encoder.num_tokens(tuple(input_size[1:]))
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Let a checkpoint trained with one policy be tested with another (``ckpt_path``, ``init_from``).
+
+        Policy weights the current policies do not have (or have in another shape, e.g. another embedding
+        width) are dropped, and policy weights they need but the checkpoint lacks keep their initialisation;
+        each case prints one line.
+        """
+        state = checkpoint.get("state_dict", {})
+        own = self.state_dict()
+        policy_keys = ("policy.", "test_policies.")
+        other_shape = [
+            k for k in state if k.startswith(policy_keys) and k in own and state[k].shape != own[k].shape
+        ]
+        extra = [k for k in state if k.startswith(policy_keys) and k not in own] + other_shape
+        missing = [k for k in own if k.startswith(policy_keys) and k not in state] + other_shape
+        first = extra[0] if extra else None
+        if first in other_shape:
+            first = f"{first}: {list(state[first].shape)} in the checkpoint, {list(own[first].shape)} here"
+        for k in extra:
+            del state[k]
+        for k in missing:
+            state[k] = own[k]
+        if extra:
+            warnings.warn(
+                f"checkpoint policy weights unused by {type(self.policy).__name__}: {len(extra)} tensors "
+                f"ignored ({first}, ...)",
+                stacklevel=2,
+            )
+        self._policy_trained = not any(k.startswith("policy.") for k in missing)
+        if not self._policy_trained:
+            warnings.warn(
+                f"checkpoint has no weights for {type(self.policy).__name__}: its parameters keep "
+                "their initialisation",
+                stacklevel=2,
+            )
+
     def on_test_epoch_start(self) -> None:
         self._reset_sample_stats()
         ref, labels = self.hparams.interval_reference, [label for label, _ in self.policies()]
