@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from ptflops.aten_engine import FlopCounterMode as _AtenCounter
-from torch import nn
+from torch import Tensor, nn
 
 _aten = torch.ops.aten
 
@@ -42,7 +42,22 @@ SDPA_HOOKS: dict[Any, Callable[[Sequence[Any], Sequence[Any]], int]] = {
 }
 
 
-def gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> float:
+class _Call(nn.Module):
+    """``fn`` as a module; a bound method's module is a submodule, so its parameters and modes are found."""
+
+    def __init__(self, fn: Callable[[Tensor], Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        owner = getattr(fn, "__self__", None)
+        self.owner = owner if isinstance(owner, nn.Module) else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+def gmacs(
+    model: nn.Module | Callable[[Tensor], Tensor], input_size: tuple[int, int, int] = (3, 224, 224)
+) -> float:
     """Multiply-accumulates / 1e9 of one eval-mode forward of ``model`` on one image.
 
     Counts the aten ops that really run, so a merging ViT is counted on its merged token counts (attention on
@@ -61,12 +76,16 @@ def gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) ->
     train/eval flag is restored afterwards. The input is on the model's device and dtype.
 
     Args:
-        model: any module taking one [1, *input_size] image batch, e.g. a timm ViT patched by ``apply_policy``.
+        model: any module taking one [1, *input_size] image batch, e.g. a timm ViT patched by ``apply_policy``,
+            or any callable ``f(x) -> Tensor``; a bound method of a module (``task.inference``) runs with that
+            module's device, dtype and eval mode.
         input_size: (channels, height, width) of the image.
 
     Returns:
         GMACs per image.
     """
+    if not isinstance(model, nn.Module):
+        model = _Call(model)
     ref = next(model.parameters(), None)
     if ref is None:
         ref = next(model.buffers(), torch.empty(0))

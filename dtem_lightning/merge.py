@@ -123,7 +123,7 @@ def hard_split_offset(num_prefix: int) -> int:
     return 0 if num_prefix % 2 else 1
 
 
-def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn, MergeFn]:
+def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
     """ToMe's bipartite soft matching, on patch tokens only.
 
     The split alternates over the whole sequence: patch tokens at odd sequence index are destinations, those at
@@ -141,8 +141,8 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn
         num_prefix: leading tokens that never merge.
 
     Returns:
-        ``merge(x, reduce="sum") -> [B, N - r, C']`` combining x [B, N, C'] with ``scatter_reduce``, and
-        ``unmerge(y) -> [B, N, C']`` copying every merged token back to all positions it covers.
+        ``merge(x, reduce="sum") -> [B, N - r, C']`` combining x [B, N, C'] with ``scatter_reduce`` (merging the
+        identity gives the source map that :func:`unmerge_tokens` copies merged tokens back with).
     """
     B, N, _ = metric.shape
     off = hard_split_offset(num_prefix)
@@ -171,18 +171,7 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> tuple[MergeFn
         d = d.scatter_reduce(1, merged_dst[..., None].expand(B, r, c), moved, reduce=reduce)
         return torch.cat([prefix, kept, d], dim=1)
 
-    def unmerge(y: Tensor) -> Tensor:
-        c = y.shape[-1]
-        prefix, kept, d = y[:, :num_prefix], y[:, num_prefix : N - num_dst - r], y[:, N - num_dst - r :]
-        moved = d.gather(1, merged_dst[..., None].expand(B, r, c))
-        s = y.new_zeros(B, num_src, c)
-        s = s.scatter(1, kept_src[..., None].expand(B, num_src - r, c), kept)
-        s = s.scatter(1, merged_src[..., None].expand(B, r, c), moved)
-        out = y.new_empty(B, num_patch, c)
-        out[:, off::2], out[:, 1 - off :: 2] = d, s
-        return torch.cat([prefix, out], dim=1)
-
-    return merge, unmerge
+    return merge
 
 
 def merge_weighted(merge: MergeFn, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]:

@@ -238,7 +238,7 @@ class MergePolicy(nn.Module):
         if metric is None or r == 0:
             self.state.tokens.append(x.shape[1])
             return x
-        merge, _ = M.bipartite_matching(metric, r, self.num_prefix)
+        merge = M.bipartite_matching(metric, r, self.num_prefix)
         x, self.state.size = M.merge_weighted(merge, x, self.size(x))
         if self.state.source is not None:
             self.state.source = merge(self.state.source, "sum")

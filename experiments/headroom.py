@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dtem_lightning import merge as M
 from dtem_lightning import stats
+from dtem_lightning.encoder import MergingEncoder, r_label
+from dtem_lightning.encoder import parse_r as parse_schedule
 from dtem_lightning.io import write_text
-from dtem_lightning.patch import MergeVisionTransformer, apply_policy, use_policy
 from dtem_lightning.policy import DTEMHard, MergePolicy, NoMerge, ToMe
+from dtem_lightning.tasks.sweep import sweep_rows
 
 
 class RawInput(MergePolicy):
@@ -60,26 +61,21 @@ def patch_histograms(
 
 
 def candidate_policies(
-    vit: nn.Module, seeds: int, trained: dict[str, Tensor] | None = None
+    encoder: MergingEncoder, seeds: int, trained: dict[str, Tensor] | None = None
 ) -> list[tuple[str, MergePolicy]]:
-    """Bind NoMerge, ToMe, ``seeds`` untrained DTEM embeddings (seeds 0..seeds-1) and RawInput to ``vit``.
+    """Bind NoMerge, ToMe, ``seeds`` untrained DTEM embeddings (seeds 0..seeds-1) and RawInput to ``encoder``.
 
     With ``trained`` (a DTEM policy state dict, ``embed.*``), the trained embedding is added twice, with
     ToMe's token order and with tokens sorted by size (``DTEMHard.order``): the validation check of a training.
-    ``vit`` gets patched with the first policy (NoMerge) when it is not patched yet.
     """
-    base = NoMerge()
-    if isinstance(vit, MergeVisionTransformer):
-        base.bind(vit)
-    else:
-        apply_policy(vit, base)
-    pols: list[tuple[str, MergePolicy]] = [("NoMerge", base)]
+    pols: list[tuple[str, MergePolicy]] = []
 
     def add(name: str, policy: MergePolicy) -> MergePolicy:
-        policy.bind(vit)
+        encoder.add_policies([policy])
         pols.append((name, policy))
         return policy
 
+    add("NoMerge", NoMerge())
     add("ToMe (keys)", ToMe())
     for s in range(seeds):
         # The embedding's weights are drawn in bind, right after the seed: seed s is the same metric every run.
@@ -97,11 +93,7 @@ def parse_r(text: str) -> int | str:
 
     Parsed by :func:`dtem_lightning.merge.parse_r`, the form ``test_r`` of the tasks accepts too.
     """
-    return M.r_label(M.parse_r(text))
-
-
-def _schedule(r: int | str) -> int | list[int]:
-    return M.parse_r(r)
+    return r_label(parse_schedule(text))
 
 
 def _r_key(r: int | str) -> tuple[bool, int, str]:
@@ -117,25 +109,19 @@ def trained_embedding(ckpt_path: str) -> dict[str, Tensor]:
     return out
 
 
-Job = tuple[str, MergePolicy, int | str]
+Row = tuple[int, str, MergePolicy, int | str]
 
 
-def _jobs(pols: list[tuple[str, MergePolicy]], rs: list[int | str]) -> list[Job]:
-    """(name, policy, r) of every evaluation: NoMerge once at r = 0, every other metric at every r."""
-    return [(name, p, r) for name, p in pols for r in ([0] if isinstance(p, NoMerge) else rs)]
-
-
-def _each_job(vit: nn.Module, jobs: list[Job]) -> Iterator[int]:
-    """Yield the index of every job with its policy in use at its r (the caller runs the model in the loop)."""
-    for j, (_, p, r) in enumerate(jobs):
-        use_policy(vit, p)
-        with p.reduce(_schedule(r)):
+def _each_row(encoder: MergingEncoder, rows: list[Row]) -> Iterator[int]:
+    """Yield the index of every sweep row with its policy in use at its r (the caller runs the model)."""
+    for j, (_, _, p, r) in enumerate(rows):
+        with encoder.running(p, parse_schedule(r)):
             yield j
 
 
 @torch.inference_mode()
 def evaluate(
-    vit: nn.Module,
+    encoder: MergingEncoder,
     batches: Iterable[tuple[Tensor, Tensor]],
     rs: list[int | str],
     seeds: int = 5,
@@ -144,7 +130,8 @@ def evaluate(
     """Top-1 of every candidate metric at every r, in one pass over ``batches``.
 
     Args:
-        vit: a timm ViT classifier (unpatched; it is patched here).
+        encoder: a timm ViT classifier behind a :class:`~dtem_lightning.encoder.MergingEncoder`; the candidate
+            policies are added to it.
         batches: (images [B, 3, H, W], labels [B]) pairs.
         rs: reduction rates to evaluate: ints, or per-block schedules as labels "a,b,c" (see :func:`parse_r`).
         seeds: number of random untrained embeddings.
@@ -153,19 +140,17 @@ def evaluate(
     Returns:
         Rows ``{"metric", "r", "acc1", "n"}`` (NoMerge once, at r = 0); accuracies in percent.
     """
-    vit.eval()
-    pols = candidate_policies(vit, seeds, trained)
-    jobs = _jobs(pols, rs)
-    correct = [0] * len(jobs)
+    encoder.eval()
+    rows = sweep_rows(candidate_policies(encoder, seeds, trained), rs)
+    correct = [0] * len(rows)
     n = 0
     for x, y in batches:
         n += len(y)
-        for j in _each_job(vit, jobs):
-            correct[j] += int((vit(x).argmax(-1) == y).sum())
-    use_policy(vit, pols[0][1])
+        for j in _each_row(encoder, rows):
+            correct[j] += int((encoder.forward_head(encoder(x)).argmax(-1) == y).sum())
     return [
         {"metric": name, "r": r, "acc1": 100.0 * c / max(n, 1), "n": n}
-        for (name, _, r), c in zip(jobs, correct)
+        for (_, name, _, r), c in zip(rows, correct)
     ]
 
 
@@ -192,33 +177,31 @@ def evaluate_segmentation(
         Rows ``{"metric", "r", "miou", "stderr", "n"}`` (NoMerge once, at r = 0); mIoU in percent.
     """
     task.eval()
-    vit, K, ig = task.backbone, task.num_classes, task.ignore_index
+    encoder, K, ig = task.encoder, task.num_classes, task.ignore_index
     crop = crop or task.window
-    pols = candidate_policies(vit, seeds, trained)
+    pols = candidate_policies(encoder, seeds, trained)
     oracle = OracleLabels()
-    oracle.bind(vit)
+    encoder.add_policies([oracle])
     pols.append(("oracle (ground-truth labels)", oracle))
-    for _, p in pols:
-        p.trace_source = True  # segmentation unmerges through the source map
-    jobs = _jobs(pols, rs)
-    counts: list[list[Tensor]] = [[] for _ in jobs]
+    encoder.trace_sources()  # segmentation unmerges through the source map
+    rows = sweep_rows(pols, rs)
+    counts: list[list[Tensor]] = [[] for _ in rows]
     for x, y in batches:
         top, left = (x.shape[-2] - crop) // 2, (x.shape[-1] - crop) // 2
         x, y = x[..., top : top + crop, left : left + crop], y[..., top : top + crop, left : left + crop]
-        oracle.patch_hist = patch_histograms(y, task.patch[0], K, ig, vit.num_prefix_tokens)
-        for j in _each_job(vit, jobs):
+        oracle.patch_hist = patch_histograms(y, task.patch[0], K, ig, encoder.num_prefix)
+        for j in _each_row(encoder, rows):
             counts[j].append(stats.class_counts(task(x).argmax(1), y, K, ig))
-    use_policy(vit, pols[0][1])
     per_image = {str(j): torch.cat(c) for j, c in enumerate(counts)}  # [n, 3, K] per job
     boot = stats.bootstrap(per_image, stats.miou_of_counts, resamples, seed=0)
-    rows = []
-    for j, (name, _, r) in enumerate(jobs):
+    out = []
+    for j, (_, name, _, r) in enumerate(rows):
         c = per_image[str(j)]
         score = 100 * float(stats.miou_of_counts(c.sum(0)))
-        rows.append(
+        out.append(
             {"metric": name, "r": r, "miou": score, "stderr": 100 * float(boot[str(j)].std()), "n": len(c)}
         )
-    return rows
+    return out
 
 
 def score_key(rows: list[dict[str, object]]) -> str:
@@ -317,8 +300,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.seg_ckpt:
         return _main_segmentation(args)
 
-    import timm
-
     from dtem_lightning.data.folder import ImageFolderDataModule
 
     dm = ImageFolderDataModule(
@@ -326,22 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         max_per_class=args.max_per_class, train_transform="simple",
     )  # fmt: skip
     kwargs = {**json.loads(args.backbone_kwargs), "img_size": args.img_size, "num_classes": dm.num_classes}
-    if args.checkpoint_path:
-        # num_classes in the overlay: timm keeps the file's head only when it matches the model's class count
-        overlay = {
-            "file": args.checkpoint_path,
-            "hf_hub_id": None,
-            "url": None,
-            "num_classes": dm.num_classes,
-        }
-        vit = timm.create_model(args.backbone, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    else:
-        vit = timm.create_model(args.backbone, pretrained=False, **kwargs)
+    encoder = MergingEncoder(args.backbone, create_kwargs=kwargs, checkpoint_path=args.checkpoint_path)
+    if encoder.dropped_head:  # a new random head would make every row chance level
+        raise ValueError(f"{encoder.dropped_head}: the headroom check needs the trained classifier head")
     dm.setup("validate" if args.split == "val" else "test")
     loader = dm.val_dataloader() if args.split == "val" else dm.test_dataloader()
     folder = dm.val_split if args.split == "val" else dm.test_split
     trained = trained_embedding(args.embedding) if args.embedding else None
-    rows = evaluate(vit, loader, args.r, args.seeds, trained)
+    rows = evaluate(encoder, loader, args.r, args.seeds, trained)
     text = markdown(rows, summarize(rows))
     header = f"Headroom check: {args.backbone} {kwargs}, weights {args.checkpoint_path}, split {folder}/ "
     header += f"({rows[0]['n']} images), top-1 %.\n\n"

@@ -86,6 +86,33 @@ def test_layers_import_only_downwards():
         assert not bad, f"{name}.py imports {bad} from above it"
 
 
+NEUTRAL = (
+    "optim",
+    "flops",
+    "stats",
+    "io",
+    "text",
+)  # shared helpers: they import no other module of the package
+TASK_PARTS = ("sweep", "intervals", "predict", "decoders")  # what BaseTask and the tasks are built from
+
+
+def test_neutral_modules_and_task_parts_import_nothing_above():
+    """Neutral modules import no package module; BaseTask's parts import neither BaseTask nor a task; nothing
+    outside tasks/ (but the CLI) imports tasks."""
+    for name in NEUTRAL:
+        assert not _imports(PACKAGE / f"{name}.py"), f"{name}.py imports {_imports(PACKAGE / f'{name}.py')}"
+    tasks = {f"tasks.{p.stem}" for p in (PACKAGE / "tasks").glob("*.py")}
+    for part in TASK_PARTS:
+        bad = {
+            m for m in _imports(PACKAGE / "tasks" / f"{part}.py") if m in tasks or m in {"cli", "callbacks"}
+        }
+        assert not bad, f"tasks/{part}.py imports {bad} from above it"
+    for path in [*PACKAGE.glob("*.py"), *(PACKAGE / "data").glob("*.py")]:
+        if path.stem not in {"cli", "__main__"}:
+            bad = {m for m in _imports(path) if m.split(".")[0] == "tasks"}
+            assert not bad, f"{path.relative_to(PACKAGE)} imports {bad}"
+
+
 def test_policies_bind_to_a_plain_description():
     """A policy builds its parameters from a ModelInfo alone; the backend hands it the keys (no policy hooks)."""
     from dtem_lightning.policy import ModelInfo

@@ -178,7 +178,7 @@ def test_headroom_on_tiny_model(tmp_path):
     batches = [
         (torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(2)
     ]
-    rows = headroom.evaluate(vit, batches, rs=[4, 8], seeds=2)
+    rows = headroom.evaluate(headroom.MergingEncoder(vit), batches, rs=[4, 8], seeds=2)
     names = [r["metric"] for r in rows]
     assert (
         names.count("NoMerge") == 1
@@ -194,12 +194,10 @@ def test_headroom_on_tiny_model(tmp_path):
         assert s["spread"] == pytest.approx(max(accs) - min(accs))
     text = headroom.markdown(rows, summary)
     assert "| random embedding (seed 1) |" in text and "verdict" in text
-    raw = headroom.RawInput(r=8)
-    raw.bind(vit)
-    headroom.use_policy(vit, raw)
+    raw = headroom.MergingEncoder(_tiny_timm(depth=3).eval(), headroom.RawInput(r=8))
     with torch.no_grad():
-        vit(batches[0][0])
-    assert raw.state.tokens == [57, 49, 41]  # 65 tokens, 8 merged per block
+        raw(batches[0][0])
+    assert raw.last_token_counts == [57, 49, 41]  # 65 tokens, 8 merged per block
 
     # A DTEM training checkpoint adds its embedding twice (ToMe order, size order); seed 0's weights reproduce
     # the "random embedding (seed 0)" row with ToMe's order.
@@ -209,7 +207,8 @@ def test_headroom_on_tiny_model(tmp_path):
     ckpt = tmp_path / "dtem.ckpt"
     torch.save({"state_dict": {f"policy.{k}": v for k, v in emb.state_dict().items()}}, ckpt)
     trained = headroom.trained_embedding(str(ckpt))
-    rows = headroom.evaluate(vit, batches, rs=[8, headroom.parse_r("16,8,0")], seeds=2, trained=trained)
+    enc = headroom.MergingEncoder(_tiny_timm(depth=3).eval())
+    rows = headroom.evaluate(enc, batches, rs=[8, headroom.parse_r("16,8,0")], seeds=2, trained=trained)
     assert headroom.parse_r("12") == 12 and {r["r"] for r in rows} == {0, 8, "16,8,0"}
     assert "r=16,8,0" in headroom.markdown(rows, headroom.summarize(rows))
     acc = {r["metric"]: r["acc1"] for r in rows if r["r"] == 8}

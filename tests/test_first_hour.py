@@ -19,8 +19,9 @@ from dtem_lightning.callbacks import FinalCheckpoint, plot_tradeoff, tag_of, tra
 from dtem_lightning.cli import main
 from dtem_lightning.data import SyntheticDataModule
 from dtem_lightning.data.captions import collate_captions
+from dtem_lightning.optim import CosineLR
 from dtem_lightning.tasks import CaptioningTask, ClassificationTask
-from dtem_lightning.tasks.base import CosineLR, distinct_labels, policy_label
+from dtem_lightning.tasks.sweep import distinct_labels, policy_label
 
 CONFIGS = ROOT / "configs"
 TINY = dict(backbone="vit_tiny_patch16_224", img_size=32, num_classes=3,

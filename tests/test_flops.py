@@ -171,3 +171,27 @@ def test_gmacs_inside_inference_mode():
     model = timm.create_model("deit_tiny_patch16_224")
     with torch.inference_mode():
         assert gmacs(model) == pytest.approx(1.2578, rel=1e-3)
+
+
+def test_gmacs_of_a_callable():
+    """A bound method of a module counts what it runs, in eval mode (modes restored); any callable works."""
+
+    class TwoPasses(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 4)
+            self.drop = torch.nn.Dropout(0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.lin(x))
+
+        def twice(self, x: torch.Tensor) -> torch.Tensor:
+            assert not self.training, "gmacs runs the owner of a bound method in eval mode"
+            return self(x) + self(x)
+
+    m = TwoPasses().train()
+    once = gmacs(m, (1, 3, 8))  # x [1, 1, 3, 8]: 3 rows of an 8 -> 4 Linear, bias included
+    assert once == pytest.approx(3 * (8 * 4 + 4) / 1e9)
+    assert gmacs(m.twice, (1, 3, 8)) == pytest.approx(2 * once)
+    assert m.training and m.drop.training  # modes restored
+    assert gmacs(lambda x: m.lin(x) @ m.lin(x).mT, (1, 3, 8)) == pytest.approx(2 * once + 3 * 3 * 4 / 1e9)

@@ -85,6 +85,23 @@ def test_trace_source_forced_and_decoders_shapes():
         make_task(decoder="fpn")
 
 
+def test_decoder_drop_path_reaches_the_mask_transformer():
+    """decoder_drop_path is kept (the committed CamVid checkpoint saves it): stochastic depth over the decoder."""
+    task = make_task(decoder="mask_transformer", decoder_depth=3, decoder_drop_path=0.2, decoder_dropout=0.0)
+    assert [getattr(b.drop_path1, "drop_prob", 0.0) for b in task.decoder.blocks] == pytest.approx(
+        [0, 0.1, 0.2]
+    )
+    task.train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    a = task(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, task(x))  # blocks dropped at random in training
+    task.eval()
+    with torch.no_grad():
+        assert torch.equal(task(x), task(x))
+
+
 def test_sliding_window_averages_every_window_and_one_window_is_forward():
     assert _starts(100, 32, 21) == [0, 21, 42, 63, 68] and _starts(20, 20, 21) == [0]
     task = make_task(ToMe(r=4))

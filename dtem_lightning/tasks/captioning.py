@@ -12,21 +12,10 @@ from torchmetrics import MetricCollection
 
 from dtem_lightning import flops
 from dtem_lightning.tasks.base import BaseTask
-from dtem_lightning.tasks.decoders import CaptionDecoder
+from dtem_lightning.tasks.decoders import CaptionDecoder, beam_decode, greedy_decode
 from dtem_lightning.text import CaptionMetrics, Vocabulary, meteor_missing
 
-
-class _FlopsProbe(nn.Module):
-    """Encoder + decoder on one image and a fixed-length caption, for :func:`dtem_lightning.flops.gmacs`."""
-
-    def __init__(self, task: CaptioningTask, text_len: int) -> None:
-        super().__init__()
-        self.task, self.text_len = task, text_len
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = torch.full((x.shape[0], self.text_len), self.task.vocab.bos, device=x.device)
-        visual, size = self.task.encode(x)
-        return self.task.decoder(visual, size, tokens)
+FLOPS_TEXT_LEN = 12  # text tokens of the decoder pass counted by CaptioningTask.gmacs: a typical caption
 
 
 class CaptioningTask(BaseTask):
@@ -48,16 +37,12 @@ class CaptioningTask(BaseTask):
         decoder_heads: decoder attention heads.
         decoder_mlp_ratio: decoder MLP ratio.
         decoder_dropout: decoder dropout.
-        tie_embeddings: share word embedding and output layer.
         max_len: longest generated caption in words (the decoder holds max_len + 1 positions).
         label_smoothing: label smoothing of the caption loss.
         captions_per_image: training captions drawn (without replacement) per image and step; the encoder
             runs once per image.
         beam_size: beam width of the test decoding (1: greedy).
-        length_penalty: beam hypotheses are ranked by log-prob / length**length_penalty.
-        freeze_decoder: keep the decoder fixed (a pretrained captioner whose policy alone trains).
         use_meteor: METEOR column (pycocoevalcap + Java); None: when available.
-        flops_text_len: text tokens of the decoder pass counted by :meth:`gmacs`.
         concept_weight: weight of an auxiliary word-tagging loss (0: off, as in GIT): a linear head on the
             size-weighted mean of the encoder tokens predicts which content words occur in any of the image's
             reference captions (multi-label BCE, summed over words and divided by the image's number of content
@@ -74,15 +59,11 @@ class CaptioningTask(BaseTask):
         decoder_heads: int = 12,
         decoder_mlp_ratio: float = 4.0,
         decoder_dropout: float = 0.1,
-        tie_embeddings: bool = True,
         max_len: int = 20,
         label_smoothing: float = 0.1,
         captions_per_image: int = 1,
         beam_size: int = 3,
-        length_penalty: float = 0.0,
-        freeze_decoder: bool = False,
         use_meteor: bool | None = None,
-        flops_text_len: int = 12,
         concept_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
@@ -104,10 +85,7 @@ class CaptioningTask(BaseTask):
             decoder_mlp_ratio,
             max_len + 1,
             decoder_dropout,
-            tie_embeddings,
         )
-        if freeze_decoder:
-            self.decoder.requires_grad_(False)
         # Only built when used, so checkpoints of captioners without it keep their exact keys.
         self.concept_head = (
             nn.Linear(self.encoder.width, self.decoder.word_embed.num_embeddings)
@@ -211,66 +189,20 @@ class CaptioningTask(BaseTask):
         return loss
 
     # ------------------------------------------------------------------ decoding
-    def _next_logp(self, visual: Tensor, size: Tensor | None, seqs: Tensor, step: int) -> Tensor:
-        logp = self.decoder(visual, size, seqs)[:, -1].float().log_softmax(-1)
-        banned = [self.vocab.pad, self.vocab.bos] + ([self.vocab.eos] if step == 0 else [])
-        logp[:, banned] = float("-inf")
-        return logp
-
     @torch.no_grad()
     def greedy(self, images: Tensor, max_len: int | None = None) -> list[str]:
         """Greedy captions of ``images`` [B, 3, H, W] (batched; at most ``max_len`` words)."""
-        max_len = max_len or self.hparams.max_len
-        visual, size = self.encode(images)
-        B, vocab = len(images), self.vocab
-        seqs = torch.full((B, 1), vocab.bos, dtype=torch.long, device=visual.device)
-        done = torch.zeros(B, dtype=torch.bool, device=visual.device)
-        for t in range(max_len):
-            tok = self._next_logp(visual, size, seqs, t).argmax(-1)
-            tok = tok.masked_fill(done, vocab.pad)
-            seqs = torch.cat([seqs, tok[:, None]], dim=1)
-            done |= tok == vocab.eos
-            if done.all():
-                break
-        return [vocab.decode(s[1:].tolist()) for s in seqs]
+        ids = greedy_decode(self.decoder, *self.encode(images), self.vocab, max_len or self.hparams.max_len)
+        return [self.vocab.decode(s[1:].tolist()) for s in ids]
 
     @torch.no_grad()
     def beam_search(
         self, images: Tensor, beam_size: int | None = None, max_len: int | None = None
     ) -> list[str]:
-        """Beam-search captions of ``images`` [B, 3, H, W], all images and beams in one batch.
-
-        Finished hypotheses stay in the beam (extended by padding at no cost); the best of the final beam by
-        log-prob / length**length_penalty is returned. ``beam_size=1`` is greedy decoding.
-        """
+        """Beam-search captions of ``images`` [B, 3, H, W] (:func:`~dtem_lightning.tasks.decoders.beam_decode`)."""
         K, max_len = beam_size or self.hparams.beam_size, max_len or self.hparams.max_len
-        visual, size = self.encode(images)
-        B, vocab, dev = len(images), self.vocab, visual.device
-        visual = visual.repeat_interleave(K, 0)
-        size = size.repeat_interleave(K, 0) if size is not None else None
-        seqs = torch.full((B * K, 1), vocab.bos, dtype=torch.long, device=dev)
-        scores = torch.full((B, K), float("-inf"), device=dev)
-        scores[:, 0] = 0.0  # identical beams at the start: expand only the first
-        done = torch.zeros(B * K, dtype=torch.bool, device=dev)
-        lengths = torch.zeros(B * K, device=dev)
-        rows = torch.arange(B, device=dev)[:, None]
-        for t in range(max_len):
-            logp = self._next_logp(visual, size, seqs, t)
-            V = logp.shape[-1]
-            logp[done] = float("-inf")
-            logp[done, vocab.pad] = 0.0
-            cand = (scores.reshape(-1, 1) + logp).view(B, K * V)
-            scores, idx = cand.topk(K, dim=1)
-            beam, tok = idx // V, idx % V
-            pick = (rows * K + beam).flatten()
-            seqs = torch.cat([seqs[pick], tok.flatten()[:, None]], dim=1)
-            done, lengths = done[pick], lengths[pick] + (~done[pick]).float()
-            done = done | (tok.flatten() == vocab.eos)
-            if done.all():
-                break
-        ranked = scores / lengths.view(B, K).clamp(min=1) ** self.hparams.length_penalty
-        best = (rows[:, 0] * K + ranked.argmax(1)).tolist()
-        return [vocab.decode(seqs[i, 1:].tolist()) for i in best]
+        ids = beam_decode(self.decoder, *self.encode(images), self.vocab, K, max_len)
+        return [self.vocab.decode(s[1:].tolist()) for s in ids]
 
     def generate(self, images: Tensor) -> list[str]:
         """Captions with the configured decoding (greedy when ``beam_size`` is 1)."""
@@ -316,14 +248,19 @@ class CaptioningTask(BaseTask):
         return self.generate(images), [list(c) for c in captions]
 
     def gmacs(self, input_size: tuple[int, int, int]) -> float:
-        """GMACs per image: encoder plus one decoder pass over the visual tokens and ``flops_text_len`` text tokens.
+        """GMACs per image: encoder plus one decoder pass over the visual tokens and ``FLOPS_TEXT_LEN`` text tokens.
 
-        Convention: the decoder is counted as scoring one caption of typical length (``flops_text_len``, BOS
+        Convention: the decoder is counted as scoring one caption of typical length (``FLOPS_TEXT_LEN``, BOS
         included) in a single pass, the cost per image of a decoder with a key/value cache; beam search
         multiplies the decoder part by about the beam width.
         """
-        text_len = min(self.hparams.flops_text_len, self.decoder.max_len)
-        return flops.gmacs(_FlopsProbe(self, text_len), input_size)
+        return flops.gmacs(self._score_typical_caption, input_size)
+
+    def _score_typical_caption(self, images: Tensor) -> Tensor:
+        """What :meth:`gmacs` counts: the encoder and one decoder pass over ``FLOPS_TEXT_LEN`` BOS tokens."""
+        text_len = min(FLOPS_TEXT_LEN, self.decoder.max_len)
+        tokens = torch.full((len(images), text_len), self.vocab.bos, device=images.device)
+        return self.decoder(*self.encode(images), tokens)
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()

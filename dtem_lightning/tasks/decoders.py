@@ -6,6 +6,8 @@ visual tokens); they know nothing of the policy or the backbone.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -13,6 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from dtem_lightning.encoder import SIZE_EPS
+from dtem_lightning.text import Vocabulary
 
 DECODERS = ("linear", "mask_transformer")
 
@@ -56,7 +59,8 @@ class CaptionDecoder(nn.Module):
         mlp_ratio: MLP hidden width / width.
         max_len: longest text sequence (BOS + words).
         dropout: dropout on embeddings, attention and MLP outputs.
-        tie_embeddings: share the word embedding with the output projection.
+
+    The output projection shares its weight with the word embedding (GIT's tying).
     """
 
     def __init__(
@@ -69,7 +73,6 @@ class CaptionDecoder(nn.Module):
         mlp_ratio: float = 4.0,
         max_len: int = 40,
         dropout: float = 0.1,
-        tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
         self.visual_proj = nn.Sequential(nn.Linear(visual_dim, width), nn.LayerNorm(width))
@@ -83,11 +86,9 @@ class CaptionDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab_size)
-        self.tie_embeddings = tie_embeddings
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.word_embed.weight, std=0.02)
-        if tie_embeddings:
-            self.head.weight = self.word_embed.weight
+        self.head.weight = self.word_embed.weight
         self.max_len = max_len
 
     def resize_vocab(self, vocab_size: int) -> None:
@@ -96,8 +97,7 @@ class CaptionDecoder(nn.Module):
         self.word_embed = nn.Embedding(vocab_size, p.shape[1], device=p.device, dtype=p.dtype)
         nn.init.normal_(self.word_embed.weight, std=0.02)
         self.head = nn.Linear(p.shape[1], vocab_size, device=p.device, dtype=p.dtype)
-        if self.tie_embeddings:
-            self.head.weight = self.word_embed.weight
+        self.head.weight = self.word_embed.weight
 
     def forward(self, visual: Tensor, size: Tensor | None, tokens: Tensor) -> Tensor:
         """Next-token logits.
@@ -120,6 +120,65 @@ class CaptionDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, attn_mask=mask)
         return self.head(self.norm(x[:, n:]))
+
+
+Decoder = Callable[[Tensor, Tensor | None, Tensor], Tensor]  # (visual, size, ids [B, T]) -> logits [B, T, V]
+
+
+def next_logp(
+    decoder: Decoder, visual: Tensor, size: Tensor | None, seqs: Tensor, step: int, vocab: Vocabulary
+) -> Tensor:
+    """Log-probs [B, V] of the token after ``seqs`` [B, T]; padding and BOS never, EOS not as the first word."""
+    logp = decoder(visual, size, seqs)[:, -1].float().log_softmax(-1)
+    banned = [vocab.pad, vocab.bos] + ([vocab.eos] if step == 0 else [])
+    logp[:, banned] = float("-inf")
+    return logp
+
+
+def greedy_decode(
+    decoder: Decoder, visual: Tensor, size: Tensor | None, vocab: Vocabulary, max_len: int
+) -> Tensor:
+    """Greedy ids [B, 1 + T] (BOS first, padding after EOS) of encoded ``visual`` [B, n, C], T <= ``max_len``."""
+    B = len(visual)
+    seqs = torch.full((B, 1), vocab.bos, dtype=torch.long, device=visual.device)
+    done = torch.zeros(B, dtype=torch.bool, device=visual.device)
+    for t in range(max_len):
+        tok = next_logp(decoder, visual, size, seqs, t, vocab).argmax(-1).masked_fill(done, vocab.pad)
+        seqs = torch.cat([seqs, tok[:, None]], dim=1)
+        done |= tok == vocab.eos
+        if done.all():
+            break
+    return seqs
+
+
+def beam_decode(
+    decoder: Decoder, visual: Tensor, size: Tensor | None, vocab: Vocabulary, beam_size: int, max_len: int
+) -> Tensor:
+    """Beam-search ids [B, 1 + T] of encoded ``visual`` [B, n, C], all images and beams in one batch.
+
+    Finished hypotheses stay in the beam (extended by padding at no cost); the one of highest log-prob in the
+    final beam is returned. ``beam_size=1`` is greedy decoding.
+    """
+    K, B, dev = beam_size, len(visual), visual.device
+    visual = visual.repeat_interleave(K, 0)
+    size = size.repeat_interleave(K, 0) if size is not None else None
+    seqs = torch.full((B * K, 1), vocab.bos, dtype=torch.long, device=dev)
+    scores = torch.full((B, K), float("-inf"), device=dev)
+    scores[:, 0] = 0.0  # identical beams at the start: expand only the first
+    done = torch.zeros(B * K, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev)[:, None]
+    for t in range(max_len):
+        logp = next_logp(decoder, visual, size, seqs, t, vocab)
+        V = logp.shape[-1]
+        logp[done] = float("-inf")
+        logp[done, vocab.pad] = 0.0
+        scores, idx = (scores.reshape(-1, 1) + logp).view(B, K * V).topk(K, dim=1)
+        pick = (rows * K + idx // V).flatten()
+        seqs = torch.cat([seqs[pick], (idx % V).flatten()[:, None]], dim=1)
+        done = done[pick] | (seqs[:, -1] == vocab.eos)
+        if done.all():
+            break
+    return seqs[(rows[:, 0] * K + scores.argmax(1))]
 
 
 class LinearDecoder(nn.Module):

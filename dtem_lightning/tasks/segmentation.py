@@ -21,17 +21,6 @@ from dtem_lightning.tasks.base import BaseTask
 from dtem_lightning.tasks.decoders import DECODERS, LinearDecoder, MaskTransformer
 
 
-class _Inference(nn.Module):
-    """Wraps a task so ``forward`` is its full inference (all sliding windows): counted by ``flops.gmacs``."""
-
-    def __init__(self, task: SegmentationTask) -> None:
-        super().__init__()
-        self.task = task
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.task.inference(x)
-
-
 class SegmentationTask(BaseTask):
     """Semantic segmentation (Segmenter) with a merging ViT encoder.
 
@@ -196,7 +185,7 @@ class SegmentationTask(BaseTask):
 
     def gmacs(self, input_size: tuple[int, int, int]) -> float:
         """GMACs per image of encoder and decoder, every sliding window included."""
-        return flops.gmacs(_Inference(self), input_size)
+        return flops.gmacs(self.inference, input_size)
 
     def input_size_for_flops(self, trainer: Any) -> tuple[int, int, int]:
         return (3, self.window, self.window)
