@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import read_sweep
+from conftest import ROOT, read_sweep
 from timm.models.vision_transformer import VisionTransformer
 
 from dtem_lightning import DTEMHard, DTEMSoft, NoMerge, ToMe, apply_policy
@@ -307,3 +307,104 @@ def test_cli_fit_then_test_sweeps_and_loads_back(tmp_path, image_root):
     task = ClassificationTask(backbone=f"hf:{folder}", num_classes=10, policy=DTEMSoft(r=4))
     task.load_state_dict(state)
     assert torch.equal(task.policy.embed[0].weight, state["policy.embed.0.weight"])
+
+
+# ---------------------------------------------------------------------- pretrained GIT captioning
+WORDS = "a dog cat man runs sits on the grass red ball".split()
+
+
+@pytest.fixture(scope="module")
+def git_folder(tmp_path_factory) -> str:
+    """A tiny random GitForCausalLM with a BERT WordPiece tokenizer of WORDS, saved as a pretrained folder."""
+    folder = tmp_path_factory.mktemp("git")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = tf.BertTokenizer(vocab=str(folder / "vocab.txt"))
+    assert len(tok) == len(vocab)
+    cfg = git_config()
+    cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = len(vocab), 2, 3, 0
+    torch.manual_seed(0)
+    model = tf.GitForCausalLM(cfg)
+    with torch.no_grad():  # a decoder that reads the image (random GIT barely does)
+        model.git.visual_projection.visual_projection[0].weight.mul_(30)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def caption_root(tmp_path_factory) -> str:
+    """20 random 40x48 images with two captions each from WORDS, in the Karpathy layout (12 train / 4 / 4)."""
+    import json
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("captions")
+    (root / "images").mkdir()
+    g = torch.Generator().manual_seed(0)
+    images = []
+    for i in range(20):
+        Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy()).save(
+            root / "images" / f"{i}.jpg"
+        )
+        caps = [" ".join(WORDS[j] for j in torch.randint(0, len(WORDS), (6,), generator=g)) for _ in range(2)]
+        split = "train" if i < 12 else "val" if i < 16 else "test"
+        images.append(
+            {
+                "filepath": "images",
+                "filename": f"{i}.jpg",
+                "split": split,
+                "sentences": [{"raw": c} for c in caps],
+            }
+        )
+    (root / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    return str(root)
+
+
+def test_git_task_trains_only_the_embedding_and_decodes(git_folder):
+    from dtem_lightning.tasks import GitCaptioningTask
+
+    task = GitCaptioningTask(backbone=f"hf:{git_folder}", policy=DTEMSoft(r=8), train="policy", max_len=5)
+    task.apply_train_mode()
+    trainable = [n for n, p in task.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("policy.embed.") for n in trainable)
+    x = torch.randn(2, 3, 32, 32)
+    task.train()
+    loss = task.caption_loss(x, [["a dog runs"], ["the red ball"]])
+    loss.backward()
+    assert task.encoder.last_token_counts == [57, 49]  # soft: active counts; the loss saw all 65 tokens
+    assert task.policy.embed[0].weight.grad.abs().sum() > 0
+    task.eval()
+    for r, visual in ((0, 65), (8, 49)):
+        with task.encoder.running(task.policy, r):
+            caps = task.generate(x)
+        assert task.backbone.git.encoder.layer[0].attention.self.image_patch_tokens == visual
+        assert len(caps) == 2 and all(c and set(c.split()) <= {*WORDS, "[UNK]", "."} for c in caps), caps
+    assert task.gmacs((3, 32, 32)) > 0
+
+
+def test_git_sweep_through_the_cli(git_folder, caption_root, tmp_path):
+    from dtem_lightning.cli import main
+
+    args = [
+        "-c", str(ROOT / "configs" / "hf" / "git_b_coco_pretrained.yaml"),
+        f"--model.init_args.backbone=hf:{git_folder}",
+        "--model.init_args.max_len=5", "--model.init_args.beam_size=2", "--model.init_args.use_meteor=false",
+        "--model.init_args.test_r=[0,4,8]",
+        f"--data.init_args.root={caption_root}", "--data.init_args.img_size=32", "--data.init_args.batch_size=4",
+        "--data.init_args.num_workers=0", "--data.init_args.min_freq=1",
+        "--trainer.max_epochs=1", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false", "--trainer.accelerator=cpu",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]  # fmt: skip
+    main(["fit", *args])
+    ckpt = next(tmp_path.rglob("last.ckpt"))
+    main(["test", *args, f"--ckpt_path={ckpt}"])
+    rows = read_sweep(tmp_path)
+    got = [(r["policy"], int(r["r"]), int(r["tokens"])) for r in rows]
+    assert got == [
+        ("DTEM (trained)", 4, 57), ("DTEM (trained)", 8, 49), ("NoMerge", 0, 65), ("ToMe", 4, 57), ("ToMe", 8, 49),
+        ("DTEM (untrained)", 4, 57), ("DTEM (untrained)", 8, 49),
+    ]  # fmt: skip
+    assert {"cider", "bleu4", "rouge_l"} <= set(rows[0])
+    assert float(rows[1]["gflops"]) < float(rows[0]["gflops"]) < float(rows[2]["gflops"])
