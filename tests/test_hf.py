@@ -45,21 +45,22 @@ def git_config() -> tf.GitConfig:
 MODELS = {
     "vit_cls": lambda: tf.ViTForImageClassification(vit_config()),
     "vit_pooler": lambda: tf.ViTModel(vit_config()),
-    "vit_eager": lambda: (
-        tf.ViTModel(vit_config(), add_pooling_layer=False).set_attn_implementation("eager") or None
-    ),
+    "vit_eager": lambda: tf.ViTModel(vit_config(attn_implementation="eager"), add_pooling_layer=False),
     "clip": lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**VISION, intermediate_size=64)),
     "git": lambda: tf.GitForCausalLM(git_config()),
 }
 
 
 def make(name: str) -> torch.nn.Module:
+    """Model ``name`` with seeded random weights; norms perturbed too (at init they are all equal, and a
+    backend that swapped two of them would pass unseen)."""
     torch.manual_seed(0)
-    if name == "vit_eager":
-        m = tf.ViTModel(vit_config(), add_pooling_layer=False)
-        m.set_attn_implementation("eager")
-        return m.eval()
-    return MODELS[name]().eval()
+    m = MODELS[name]()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.normal_(1.0, 0.2), mod.bias.normal_(0.0, 0.2)
+    return m.eval()
 
 
 def features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -221,6 +222,12 @@ def test_git_generate_with_merging(r):
     assert torch.equal(out.sequences, ids)
     for a, b in zip(out.logits, scores):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # GIT's loss slices the text logits after image_patch_tokens: it must follow the merged count
+    text = torch.tensor([[1, 5, 6, 7, 2]] * 2)
+    with torch.no_grad():
+        out = model(input_ids=text, pixel_values=x, labels=text)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, visual:-1].flatten(0, 1), text[:, 1:].flatten())
+    torch.testing.assert_close(out.loss, ref)
 
 
 def test_refusals():

@@ -42,7 +42,6 @@ class GitCaptioningTask(BaseTask):
 
     Args:
         tokenizer: folder or hub id of the tokenizer; None: the backbone's (its folder, without ``hf:``).
-        vocab_size: linked from caption data modules by the CLI; unused (GIT has its own vocabulary).
         max_len: longest caption in tokens, without BOS and EOS (training truncates, decoding stops there).
         beam_size: beams of the test decoding (1: greedy); validation decodes greedily.
         use_meteor: METEOR column (pycocoevalcap + Java); None: when available.
@@ -53,7 +52,6 @@ class GitCaptioningTask(BaseTask):
     def __init__(
         self,
         tokenizer: str | None = None,
-        vocab_size: int = 0,
         max_len: int = 20,
         beam_size: int = 1,
         use_meteor: bool | None = None,
