@@ -151,15 +151,15 @@ def _keep_keys(module: nn.Module, args: tuple, out: Tensor) -> None:
     attn.__dict__["_merge_keys"] = out.view(B, N, -1, attn.__dict__["_merge_head_dim"]).transpose(1, 2)
 
 
-_CLASSES: dict[type, type] = {}
+_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _merge_class(cls: type) -> type:
-    """``Merge<cls>``: the layer class with the merging forward (one class per layer class, so it pickles)."""
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Merge{cls.__name__}", (_MergeLayer, cls), {"__module__": __name__})
-        globals()[_CLASSES[cls].__name__] = _CLASSES[cls]
-    return _CLASSES[cls]
+def _merge_class(mixin: type, cls: type) -> type:
+    """``Merge<cls>``: ``cls`` with ``mixin``'s changes, made once per class and named in this module (pickles)."""
+    if (mixin, cls) not in _CLASSES:
+        new = type(f"Merge{cls.__name__}", (mixin, cls), {"__module__": __name__})
+        _CLASSES[mixin, cls] = globals()[new.__name__] = new
+    return _CLASSES[mixin, cls]
 
 
 def _git_decoder(model: nn.Module) -> nn.Module | None:
@@ -243,7 +243,7 @@ def apply_policy(model: nn.Module, policy: MergePolicy) -> nn.Module:
         object.__setattr__(attn.k_proj, "_merge_attn", attn)
         attn.__dict__["_merge_head_dim"] = policy.head_dim
         attn.k_proj.register_forward_hook(_keep_keys)
-        layer.__class__ = _merge_class(type(layer))
+        layer.__class__ = _merge_class(_MergeLayer, type(layer))
         object.__setattr__(layer, "_merge_policy", policy)
         object.__setattr__(layer, "_merge_layer", i)
         layer._merge_layout = layout
@@ -252,17 +252,10 @@ def apply_policy(model: nn.Module, policy: MergePolicy) -> nn.Module:
         git.image_encoder.register_forward_hook(_count_tokens)
         for dec in git.encoder.layer:
             attn = dec.attention.self
-            attn.__class__ = _merge_class_git(type(attn))
+            attn.__class__ = _merge_class(_ImageTokens, type(attn))
             object.__setattr__(attn, "_merge_tower", git.image_encoder)
     object.__setattr__(model, "_merge_policy", policy)
     return model
-
-
-def _merge_class_git(cls: type) -> type:
-    if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Merge{cls.__name__}", (_ImageTokens, cls), {"__module__": __name__})
-        globals()[_CLASSES[cls].__name__] = _CLASSES[cls]
-    return _CLASSES[cls]
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

@@ -251,6 +251,22 @@ def test_refusals():
         MergingEncoder("no_such_model")
 
 
+def test_missing_extra_is_named_and_layers_import_downwards(monkeypatch):
+    import ast
+    import sys
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
+    with pytest.raises(ImportError, match=r"pip install 'dtem-lightning\[hf\]'"):
+        hf.create("hf:some/model", {})
+    tree = ast.parse((ROOT / "dtem_lightning" / "hf.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert {m for m in imported if m.startswith("dtem_lightning")} == {"dtem_lightning.policy"}
+    top = [
+        n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)
+    ]  # module level: no transformers
+    assert not [n for n in top if "transformers" in ast.dump(n)]
+
+
 def test_created_from_a_local_folder(tmp_path):
     make("vit_cls").save_pretrained(tmp_path)
     enc = MergingEncoder(f"hf:{tmp_path}", ToMe(r=4), create_kwargs={"num_classes": 5, "img_size": 32})
