@@ -6,7 +6,11 @@ PYTHON ?= python3
 ACCELERATOR ?= cpu
 
 .DEFAULT_GOAL := help
+<<<<<<< HEAD
 .PHONY: help install test test-slow test-all lint format gpu-check bench-throughput caption-small camvid-small
+=======
+.PHONY: help install install-hf test test-slow test-all lint format bench-throughput caption-small camvid-small
+>>>>>>> hf19
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
@@ -18,6 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed ## Create .venv and install the package with its dev extra
+
+install-hf: $(VENV)/.installed ## Add the hf extra (transformers) for Hugging Face backbones and pretrained GIT
+	$(BIN)/pip install -e ".[dev,hf]"
 
 test: $(VENV)/.installed ## Run the default test suite (under 10 minutes on 2 CPU cores)
 	$(BIN)/pytest -q -m "not slow"
@@ -149,8 +156,9 @@ weights = $(if $(1),--model.init_args.checkpoint_path=$(1))
 COCO ?= data/coco
 ADE20K ?= data/ADEChallengeData2016
 GIT_B_WEIGHTS ?=
+GIT_B ?= microsoft/git-base-coco
 SEG_S_WEIGHTS ?=
-.PHONY: table1 table1-deit-s table1-deit-b table1-mae-b table1-mae-l tome-offshelf e2e-deit-s table4-git-b table5-seg-s
+.PHONY: table1 table1-deit-s table1-deit-b table1-mae-b table1-mae-l tome-offshelf e2e-deit-s table4-git-b table4-git-scratch table5-seg-s
 
 # $(call modular,NAME,CONFIGS,WEIGHTS,SETTING,ROWS): fit the embedding, sweep test_r with the comparison rows ROWS
 # ($(COMPARE); empty where the configs list their own, as the MAE ones do: ToMe there runs without proportional
@@ -199,8 +207,12 @@ define task_sweep
 	$(PY) experiments/collect.py $(1)=runs/$(1)/test/sweep.csv --out $(PAPER_RESULTS)/$(1) --metric $(4)
 endef
 
-table4-git-b: ## Table 4 captioning: GIT-B-like on COCO Karpathy (COCO=root, GIT_B_WEIGHTS=CLIP ViT-B/16 file)
-	$(call task_sweep,table4_git_b,-c configs/git_b_coco_dtem.yaml --data.init_args.root=$(COCO),$(GIT_B_WEIGHTS),cider)
+table4-git-b: ## Table 4 captioning: DTEM on pretrained GIT-B, modular, COCO Karpathy (COCO=root, GIT_B=hub id or folder)
+	$(call task_sweep,table4_git_b,-c configs/hf/git_b_coco_pretrained.yaml --data.init_args.root=$(COCO) \
+		--model.init_args.backbone=hf:$(GIT_B),,cider)
+
+table4-git-scratch: ## GIT-style captioner from scratch on a frozen CLIP ViT-B/16 (COCO=root, GIT_B_WEIGHTS=file)
+	$(call task_sweep,table4_git_scratch,-c configs/git_b_coco_dtem.yaml --data.init_args.root=$(COCO),$(GIT_B_WEIGHTS),cider)
 
 table5-seg-s: ## Table 5 segmentation: Seg-S-Mask/16 on ADE20K (ADE20K=root, SEG_S_WEIGHTS=ViT-S/16 file)
 	$(call task_sweep,table5_seg_s,-c configs/segmenter_s_ade20k_dtem.yaml --data.init_args.root=$(ADE20K),$(SEG_S_WEIGHTS),miou)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from dtem_lightning import flops
+from dtem_lightning import hf as hf_backend
 from dtem_lightning import patch as timm_backend
 from dtem_lightning.io import load_weights_only
 from dtem_lightning.merge import SIZE_EPS, parse_r, r_key, r_label, r_schedule, unmerge_tokens
@@ -43,7 +44,7 @@ __all__ = ["BACKENDS", "SIZE_EPS", "Encoded", "MergingEncoder", "parse_r", "r_ke
 # The backends, asked in order: the first whose ``is_model(name)`` accepts a model name (or ``owns(model)`` a
 # model) builds and patches it. A new backbone family is one module with the functions of ``patch.py`` (listed
 # in docs/extending.md) and one entry here.
-BACKENDS: tuple[ModuleType, ...] = (timm_backend,)
+BACKENDS: tuple[ModuleType, ...] = (timm_backend, hf_backend)
 
 
 def backend_for(backbone: str | nn.Module) -> ModuleType:
@@ -52,7 +53,10 @@ def backend_for(backbone: str | nn.Module) -> ModuleType:
         if backend.is_model(backbone) if isinstance(backbone, str) else backend.owns(backbone):
             return backend
     if isinstance(backbone, str):
-        raise ValueError(f"unknown backbone {backbone!r}: not a timm model name (see timm.list_models())")
+        raise ValueError(
+            f"unknown backbone {backbone!r}: not a timm model name (see timm.list_models()) nor "
+            "hf:<hub id or folder> (docs/hf.md)"
+        )
     return BACKENDS[0]  # its apply_policy refuses the model with one line naming the class
 
 

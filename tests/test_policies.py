@@ -138,7 +138,7 @@ def test_bipartite_pairs_equal_tomes_merge() -> None:
     """The pair form of ToMe's matching merges exactly what :func:`bipartite_matching` merges, in its order."""
     metric, x, size = torch.randn(2, 17, 8), torch.randn(2, 17, 5), torch.rand(2, 17, 1) + 0.5
     for P in (0, 1, 2):
-        merge, _ = M.bipartite_matching(metric, 5, P)
+        merge = M.bipartite_matching(metric, 5, P)
         want, want_size = M.merge_weighted(merge, x, size)
         got, got_size = M.merge_pairs(x, size, *M.bipartite_pairs(metric, 5, P), P, "mean")
         torch.testing.assert_close(got, want)
