@@ -6,11 +6,7 @@ PYTHON ?= python3
 ACCELERATOR ?= cpu
 
 .DEFAULT_GOAL := help
-<<<<<<< HEAD
-.PHONY: help install test test-slow test-all lint format gpu-check bench-throughput caption-small camvid-small
-=======
-.PHONY: help install install-hf test test-slow test-all lint format bench-throughput caption-small camvid-small
->>>>>>> hf19
+.PHONY: help install install-hf test test-slow test-all lint format gpu-check bench-throughput caption-small camvid-small
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
