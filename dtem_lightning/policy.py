@@ -156,6 +156,9 @@ class MergePolicy(nn.Module):
         """Merge exactly ``schedule`` (one of :meth:`measured_schedules`); None: as configured."""
         yield
 
+    def reset_measurements(self) -> None:
+        """Forget the recorded schedules (the sweep calls it at the start of a test run)."""
+
     def token_counts(self, num_tokens: int) -> list[int]:
         """Tokens after each block for an input of ``num_tokens`` tokens (prefix included)."""
         schedule = self.schedule if self.uses_merging else [0] * self.depth
@@ -632,6 +635,9 @@ class ATM(_PairMerging):
                 runs = self.measured.setdefault(tuple(self.schedule), {})
                 runs[tuple(self._running)] = runs.get(tuple(self._running), 0) + 1
         return x
+
+    def reset_measurements(self) -> None:
+        self.measured.clear()
 
     def measured_schedules(self) -> list[tuple[list[int] | None, float]]:
         runs = self.measured.get(tuple(self.schedule))

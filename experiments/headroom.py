@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_segmentation(args: argparse.Namespace) -> int:
-    from dtem_lightning.data.segmentation import CamVidDataModule
+    from dtem_lightning.data import CamVidDataModule
     from dtem_lightning.tasks.segmentation import SegmentationTask
 
     task = SegmentationTask.load_from_checkpoint(args.seg_ckpt, map_location="cpu", weights_only=True)

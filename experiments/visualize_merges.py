@@ -52,7 +52,7 @@ def segmentation_rows(
         task: a SegmentationTask; ``pols`` are bound to its backbone (``policy.bind``) and trace sources.
         images: [B, 3, S, S] windows normalised with ``data_config``'s mean and std; labels: [B, S, S].
     """
-    from dtem_lightning.data.segmentation import colorize, default_palette
+    from dtem_lightning.labelmaps import colorize, default_palette
     from dtem_lightning.patch import use_policy
 
     vit = task.backbone
@@ -78,7 +78,7 @@ def _main_segmentation(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from headroom import trained_embedding
 
-    from dtem_lightning.data.segmentation import CamVidDataModule
+    from dtem_lightning.data import CamVidDataModule
     from dtem_lightning.tasks.segmentation import SegmentationTask
 
     task = SegmentationTask.load_from_checkpoint(args.seg_ckpt, map_location="cpu", weights_only=True).eval()

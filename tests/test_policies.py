@@ -348,3 +348,32 @@ def test_atm_bad_thresholds() -> None:
         ATM(threshold=1.5)
     with pytest.raises(ValueError, match="3 entries but the model has 4 blocks"):
         apply_policy(tiny_vit(), ATM(r=2, threshold=[0.5, 0.5, 0.5]))
+
+
+def test_atm_sweep_row_counts_what_ran(tmp_path) -> None:
+    """In `dtem test`'s sweep, ATM's gflops and tokens are those of the schedules its forwards ran."""
+    import lightning as L
+
+    from dtem_lightning.data import SyntheticDataModule
+    from dtem_lightning.tasks import ClassificationTask
+
+    task = ClassificationTask(backbone="vit_tiny_patch16_224", img_size=32, num_classes=3, policy=ToMe(r=4),
+                              test_policies=[ATM(threshold=0.995)], test_r=[4], bootstrap=0,
+                              backbone_kwargs=dict(patch_size=4, embed_dim=32, depth=2, num_heads=2))  # fmt: skip
+    dm = SyntheticDataModule(num_classes=3, num_samples=24, img_size=32, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer.test(task, dm)
+    rows = {row["policy"]: row for row in task.sweep_results}
+    atm = task.test_policies[0]
+    with task.running(atm, 4):
+        mix = atm.measured_schedules()
+        assert sum(w for _, w in mix) == pytest.approx(1.0) and all(s is not None for s, _ in mix)
+        want = 0.0
+        for schedule, share in mix:
+            with atm.replaying(schedule):
+                want += share * task.gmacs((3, 32, 32))
+    assert rows["ATM"]["gflops"] == pytest.approx(want)
+    assert sum(atm.measured[(4, 4)].values()) == 6  # the 6 test batches; counting FLOPs ran no forward of its own
+    assert rows["ATM"]["tokens"] > rows["ToMe"]["tokens"]  # a high threshold merges less than the cap
+    assert rows["ATM"]["gflops"] > rows["ToMe"]["gflops"]

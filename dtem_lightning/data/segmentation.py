@@ -23,7 +23,7 @@ from dtem_lightning.data.seg_labels import (
 )
 from dtem_lightning.data.seg_samples import JointTransform, SegmentationDataset, pad_collate
 from dtem_lightning.data.store import IMG_EXTENSIONS, Store, thin
-from dtem_lightning.labelmaps import colorize, default_palette  # noqa: F401 - colorize: old import path
+from dtem_lightning.labelmaps import default_palette
 
 
 def _by_stem(names: list[str]) -> dict[str, str]:
@@ -301,12 +301,3 @@ class SegmentationDataModule(BaseDataModule):
         super().setup(stage)
         if not self.flat and "test" in self.folders and self.folders["test"] == self.folders.get("val"):
             self.note(f"data: {type(self).__name__} tests on the val images ({self.folders['val'][0]})")
-
-
-def __getattr__(name: str) -> type:
-    # CamVid and ADE20K moved to seg_datasets (which imports this module); old imports of them keep working
-    if name in ("CamVidDataModule", "ADE20KDataModule"):
-        from dtem_lightning.data import seg_datasets
-
-        return getattr(seg_datasets, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

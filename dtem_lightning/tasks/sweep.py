@@ -193,6 +193,8 @@ class SweepMixin:
             )
 
     def on_test_epoch_start(self) -> None:
+        for _, policy in self.policies():
+            policy.reset_measurements()  # FLOPs and tokens of this test run only
         self._reset_sample_stats()
         ref, labels = self.hparams.interval_reference, [label for label, _ in self.policies()]
         wanted = ref is not None and self.hparams.bootstrap > 0 and self.interval_metric is not None
@@ -235,7 +237,10 @@ class SweepMixin:
             gf, tokens = float("nan"), -1  # no test batch seen: nothing to size the model with
             if self._input_size is not None:
                 with self.running(policy, r):
-                    gf = self.gmacs(self._input_size)
+                    gf = 0.0
+                    for schedule, share in policy.measured_schedules():  # what ran (ATM: data-dependent)
+                        with policy.replaying(schedule):
+                            gf += share * self.gmacs(self._input_size)
                     tokens = self.encoder.token_counts(self.num_input_tokens(self._input_size))[-1]
             row = {"policy": label, "r": r_label(r), "gflops": gf, "tokens": tokens, **values}
             self.sweep_results.append(row)
