@@ -374,6 +374,8 @@ def test_atm_sweep_row_counts_what_ran(tmp_path) -> None:
             with atm.replaying(schedule):
                 want += share * task.gmacs((3, 32, 32))
     assert rows["ATM"]["gflops"] == pytest.approx(want)
-    assert sum(atm.measured[(4, 4)].values()) == 6  # the 6 test batches; counting FLOPs ran no forward of its own
+    assert (
+        sum(atm.measured[(4, 4)].values()) == 6
+    )  # the 6 test batches; counting FLOPs ran no forward of its own
     assert rows["ATM"]["tokens"] > rows["ToMe"]["tokens"]  # a high threshold merges less than the cap
     assert rows["ATM"]["gflops"] > rows["ToMe"]["gflops"]
