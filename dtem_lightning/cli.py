@@ -362,7 +362,12 @@ def _known_classes(key: str) -> list[str]:
         todo += cls.__subclasses__()
         if cls.__module__.startswith("dtem_lightning.") and not inspect.isabstract(cls):
             found.append(cls.__name__)
-    return sorted(set(found))
+    # What the packages export: helpers (a private base, the Table 7 recorder) are not choices.
+    import dtem_lightning
+    from dtem_lightning import data, tasks
+
+    exported = {name for package in (dtem_lightning, tasks, data) for name in getattr(package, "__all__", [])}
+    return sorted(set(found) & exported)
 
 
 def _unknown_class_message(message: str) -> str | None:

@@ -188,7 +188,7 @@ def test_misspelled_policy_is_one_line_with_the_valid_names(option, tree, tmp_pa
     assert err[0].startswith(
         f"dtem: error: unknown {'test_policies' if '+=' in option else 'policy'} {bad!r}"
     )
-    assert "expected one of DTEMHard, DTEMSoft, NoMerge, ToMe" in err[0], err
+    assert "expected one of ATM, DTEMHard, DTEMSoft, NoMerge, PiToMe, ToFu, ToMe, ToMeSoft (" in err[0], err
 
 
 # ------------------------------------------------------------------ fail before training
