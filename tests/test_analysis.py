@@ -111,3 +111,11 @@ def test_an_embedding_equal_to_the_keys_agrees_fully(image_root: str, tmp_path: 
     assert [r["tau"] for r in trained] == pytest.approx([1.0, 1.0], abs=1e-3)
     assert [r["agree"] for r in trained] == [1.0, 1.0]
     assert all(r["tau"] < 0.99 for r in rows if r["embedding"] == "untrained")
+
+
+def test_old_checkpoint_data_settings_are_translated() -> None:
+    from dtem_lightning.data import CamVidDataModule, ImageFolderDataModule
+
+    old = {"root": "r", "max_per_class": 3, "_instantiator": "x"}
+    assert table7.data_settings(CamVidDataModule, old) == {"root": "r", "max_per_split": 3}
+    assert table7.data_settings(ImageFolderDataModule, old) == {"root": "r", "max_per_class": 3}
