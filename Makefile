@@ -264,13 +264,29 @@ endef
 # ToMe, DTEM (trained / untrained) and PiToMe and ToFu at their papers' defaults (nothing tuned), intervals against ToMe.
 COMPARE_SEED ?= 0
 COMPARE_SEG_R ?= [16, 20, 24]
-COMPARE_POLICIES := --model.init_args.test_policies+=PiToMe --model.init_args.test_policies+=ToFu
-.PHONY: compare-seg
+COMPARE_POLICIES := --model.init_args.test_policies+=ToFu
+# Settings of the training-free policies chosen on the validation split (select-seg; results/compare-seg/val).
+ATM_THRESHOLD ?= 0.9
+PITOME_MARGIN ?= 0.9
+ATM_ROW = '--model.init_args.test_policies+={"class_path": "ATM", "init_args": {"threshold": $(1)}}'
+PITOME_ROW = '--model.init_args.test_policies+={"class_path": "PiToMe", "init_args": {"margin": $(1)}}'
+SELECT_VALUES ?= 0.5 0.7 0.9
+.PHONY: compare-seg select-seg
+
+select-seg: $(VENV)/.installed ## CamVid validation split: PiToMe margins and ATM thresholds (SELECT_VALUES) at COMPARE_SEG_R
+	rm -rf runs/camvid_dtem/select$(COMPARE_SEED)
+	$(DTEM) test $(SEG_DTEM) --seed_everything=$(COMPARE_SEED) --data.init_args.test_on=val \
+		--ckpt_path=runs/camvid_dtem/seed$(COMPARE_SEED)/checkpoints/last.ckpt \
+		$(foreach v,$(SELECT_VALUES),$(call PITOME_ROW,$(v)) $(call ATM_ROW,$(v))) \
+		'--model.init_args.test_r=$(COMPARE_SEG_R)' --trainer.logger.init_args.version=select$(COMPARE_SEED)
+	$(PY) experiments/collect.py val=runs/camvid_dtem/select$(COMPARE_SEED)/sweep.csv --metric miou \
+		--out results/compare-seg/val
 
 compare-seg: $(VENV)/.installed ## CamVid: PiToMe and ToFu rows beside DTEM and ToMe (needs replicate-seg's seed fit; ~15 min)
 	rm -rf runs/camvid_dtem/compare$(COMPARE_SEED)
 	$(DTEM) test $(SEG_DTEM) --seed_everything=$(COMPARE_SEED) \
 		--ckpt_path=runs/camvid_dtem/seed$(COMPARE_SEED)/checkpoints/last.ckpt $(COMPARE_POLICIES) \
+		$(call PITOME_ROW,$(PITOME_MARGIN)) $(call ATM_ROW,$(ATM_THRESHOLD)) \
 		'--model.init_args.test_r=$(COMPARE_SEG_R)' --trainer.logger.init_args.version=compare$(COMPARE_SEED)
 	$(PY) experiments/collect.py seed$(COMPARE_SEED)=runs/camvid_dtem/compare$(COMPARE_SEED)/sweep.csv --metric miou \
 		--out results/compare-seg

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = [
     "pretrain-small", "demo", "demo-quick", "replicate-small", "seg-backbone", "replicate-seg",
     "table1-deit-s", "table1-deit-b", "table1-mae-b", "table1-mae-l", "tome-offshelf", "e2e-deit-s",
-    "table4-git-b", "table4-git-scratch", "table5-seg-s", "compare-seg", "table6",
+    "table4-git-b", "table4-git-scratch", "table5-seg-s", "compare-seg", "select-seg", "table6",
 ]  # fmt: skip
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CIFAR, needs_shared
+from conftest import CAMVID, CIFAR, needs_shared
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.auto_augment import RandAugment
@@ -475,3 +475,22 @@ def test_debug_max_per_split_40_keeps_the_images_of_max_per_class_4():
         dm.setup(None)
     for split in ("train_dataset", "val_dataset", "test_dataset"):
         assert getattr(per_split, split).samples == getattr(per_class, split).samples
+
+
+@pytest.mark.skipif(not CAMVID.exists(), reason="CamVid subset not in ../shared/data")
+def test_test_on_val_evaluates_the_validation_images(capsys):
+    """`test_on: val`: choose settings on validation data; the test split is not read."""
+    import torch
+
+    from dtem_lightning.data import CamVidDataModule
+
+    on_val = CamVidDataModule(root=str(CAMVID), max_per_split=3, test_on="val")
+    on_val.setup("test")
+    assert "test_on=val: the sweep evaluates the 3 validation samples" in capsys.readouterr().out
+    plain = CamVidDataModule(root=str(CAMVID), max_per_split=3)
+    plain.setup("validate")
+    plain.setup("test")
+    assert torch.equal(on_val.test_dataset[0][1], plain.val_dataset[0][1])
+    assert not torch.equal(on_val.test_dataset[0][1], plain.test_dataset[0][1])
+    with pytest.raises(ValueError, match="test_on must be 'test' or 'val', got 'train'"):
+        CamVidDataModule(root=str(CAMVID), test_on="train")

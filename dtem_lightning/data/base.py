@@ -92,6 +92,8 @@ class BaseDataModule(L.LightningDataModule):
             same subset every run; image folders are sorted by class, then name, so it stays class-balanced).
             Use it, not ``--trainer.limit_*_batches``, to run on a fraction of the data: a batch limit on the
             unshuffled evaluation loaders evaluates only the first classes, and ``1`` is one batch.
+        test_on: the split ``dtem test`` evaluates: ``test``, or ``val`` to choose settings (a policy's
+            threshold, r) on validation data without reading the test split.
     """
 
     num_classes: int
@@ -110,8 +112,12 @@ class BaseDataModule(L.LightningDataModule):
         crop_pct: float | None = None,
         pin_memory: bool | None = None,
         max_per_split: int | None = None,
+        test_on: str = "test",
     ) -> None:
         super().__init__()
+        if test_on not in ("test", "val"):
+            raise ValueError(f"test_on must be 'test' or 'val', got {test_on!r}")
+        self.test_on = test_on
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -167,13 +173,17 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SPLITS)}")
         built = {}
         for split in STAGE_SPLITS[stage]:
-            key = (self.source(split), split == "train")
+            key = (self.source(self.test_on if split == "test" else split), split == "train")
             if key not in self._datasets:
                 self._datasets[key] = self._dataset(*key)
             built[split] = self._datasets[key]
             setattr(self, f"{split}_dataset", built[split])
         self.announce(self.split_sizes(built), getattr(self, "num_classes", None), **self.announce_fields())
         # said at every stage: a fit validating on test images matters as much as a test on val images
+        if self.test_on == "val" and "test" in built:
+            self.note(
+                f"data: test_on=val: the sweep evaluates the {len(built['test'])} validation samples (test unread)"
+            )
         for split in ("val", "test"):
             if (used := self.source(split)) != split and self.fallback_note is not None:
                 self.note(self.fallback_note.format(split=split, used=used, root=getattr(self, "root", None)))
