@@ -379,3 +379,15 @@ def test_atm_sweep_row_counts_what_ran(tmp_path) -> None:
     )  # the 6 test batches; counting FLOPs ran no forward of its own
     assert rows["ATM"]["tokens"] > rows["ToMe"]["tokens"]  # a high threshold merges less than the cap
     assert rows["ATM"]["gflops"] > rows["ToMe"]["gflops"]
+
+
+def test_repeated_rows_name_their_settings() -> None:
+    """A bare label means the class defaults: the first of several PiToMe rows is named by its margin when that
+    is not the default, and stays bare when it is."""
+    from dtem_lightning.tasks.sweep import distinct_labels
+
+    rows = [PiToMe(margin=0.5), PiToMe(margin=0.7), PiToMe(), ToMe(), ToMe(prop_attn=False), ATM(), ATM(threshold=0.5)]
+    assert distinct_labels([type(p).__name__ for p in rows], rows) == [
+        "PiToMe (margin=0.5)", "PiToMe (margin=0.7)", "PiToMe (margin=0.9)", "ToMe", "ToMe (prop_attn=False)",
+        "ATM", "ATM (threshold=0.5)",
+    ]  # fmt: skip

@@ -26,17 +26,37 @@ def policy_label(policy: MergePolicy, trained: bool) -> str:
 
 def distinct_labels(labels: list[str], policies: list[MergePolicy]) -> list[str]:
     """``labels`` made unique: a repeated label gets the init arguments in which its policy differs from the first
-    policy of that label (``ToMe (prop_attn=False)``), else a running number (``DTEM (untrained #2)``)."""
+    policy of that label (``ToMe (prop_attn=False)``), else a running number (``DTEM (untrained #2)``); the first
+    one stays bare unless it differs from its class's defaults there (``PiToMe (margin=0.5)``)."""
 
     def args(p: MergePolicy) -> dict[str, Any]:
         config = policy_config(p)
         return dict(config[1]) if config else {}
 
+    def first_label(j: int, label: str) -> str:
+        """The first policy of a repeated label keeps it bare only where it has its class's defaults."""
+        group = [policies[k] for k, other in enumerate(labels) if other == label]
+        if len(group) < 2:
+            return label
+        mine = args(policies[j])
+        varying = {k for p in group[1:] for k, v in args(p).items() if k in mine and mine[k] != v}
+        defaults = inspect.signature(type(policies[j]).__init__).parameters
+        own = [
+            f"{k}={mine[k]}"
+            for k in mine
+            if k in varying and k in defaults and defaults[k].default != mine[k]
+        ]
+        return (
+            f"{label[:-1]}, {', '.join(own)})"
+            if own and label.endswith(")")
+            else (f"{label} ({', '.join(own)})" if own else label)
+        )
+
     out: list[str] = []
     for j, (label, p) in enumerate(zip(labels, policies)):
         first = labels.index(label)
         if first == j:
-            out.append(label)
+            out.append(first_label(j, label))
             continue
         mine, theirs = args(p), args(policies[first])
         extras = [", ".join(f"{k}={v}" for k, v in mine.items() if k in theirs and theirs[k] != v)]
