@@ -386,7 +386,15 @@ def test_repeated_rows_name_their_settings() -> None:
     is not the default, and stays bare when it is."""
     from dtem_lightning.tasks.sweep import distinct_labels
 
-    rows = [PiToMe(margin=0.5), PiToMe(margin=0.7), PiToMe(), ToMe(), ToMe(prop_attn=False), ATM(), ATM(threshold=0.5)]
+    rows = [
+        PiToMe(margin=0.5),
+        PiToMe(margin=0.7),
+        PiToMe(),
+        ToMe(),
+        ToMe(prop_attn=False),
+        ATM(),
+        ATM(threshold=0.5),
+    ]
     assert distinct_labels([type(p).__name__ for p in rows], rows) == [
         "PiToMe (margin=0.5)", "PiToMe (margin=0.7)", "PiToMe (margin=0.9)", "ToMe", "ToMe (prop_attn=False)",
         "ATM", "ATM (threshold=0.5)",
