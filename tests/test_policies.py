@@ -383,19 +383,19 @@ def test_atm_sweep_row_counts_what_ran(tmp_path) -> None:
 
 def test_repeated_rows_name_their_settings() -> None:
     """A bare label means the class defaults: the first of several PiToMe rows is named by its margin when that
-    is not the default, and stays bare when it is."""
+    is not the default, and stays bare when it is; the task's own policy (row 0) keeps its label."""
     from dtem_lightning.tasks.sweep import distinct_labels
 
     rows = [
+        ToMe(),
         PiToMe(margin=0.5),
         PiToMe(margin=0.7),
         PiToMe(),
-        ToMe(),
         ToMe(prop_attn=False),
         ATM(),
         ATM(threshold=0.5),
     ]
     assert distinct_labels([type(p).__name__ for p in rows], rows) == [
-        "PiToMe (margin=0.5)", "PiToMe (margin=0.7)", "PiToMe (margin=0.9)", "ToMe", "ToMe (prop_attn=False)",
+        "ToMe", "PiToMe (margin=0.5)", "PiToMe (margin=0.7)", "PiToMe (margin=0.9)", "ToMe (prop_attn=False)",
         "ATM", "ATM (threshold=0.5)",
     ]  # fmt: skip

@@ -27,7 +27,8 @@ def policy_label(policy: MergePolicy, trained: bool) -> str:
 def distinct_labels(labels: list[str], policies: list[MergePolicy]) -> list[str]:
     """``labels`` made unique: a repeated label gets the init arguments in which its policy differs from the first
     policy of that label (``ToMe (prop_attn=False)``), else a running number (``DTEM (untrained #2)``); the first
-    one stays bare unless it differs from its class's defaults there (``PiToMe (margin=0.5)``)."""
+    one stays bare unless it differs from its class's defaults there (``PiToMe (margin=0.5)``) and is not the task's
+    own policy (row 0)."""
 
     def args(p: MergePolicy) -> dict[str, Any]:
         config = policy_config(p)
@@ -36,7 +37,9 @@ def distinct_labels(labels: list[str], policies: list[MergePolicy]) -> list[str]
     def first_label(j: int, label: str) -> str:
         """The first policy of a repeated label keeps it bare only where it has its class's defaults."""
         group = [policies[k] for k, other in enumerate(labels) if other == label]
-        if len(group) < 2:
+        if (
+            len(group) < 2 or j == 0
+        ):  # the task's own policy (row 0) keeps its label: notes and tools key on it
             return label
         mine = args(policies[j])
         varying = {k for p in group[1:] for k, v in args(p).items() if k in mine and mine[k] != v}
