@@ -33,20 +33,6 @@ def kendall_tau(a: Tensor, b: Tensor) -> Tensor:
     return (da * db).sum((-1, -2)) / (m * (m - 1))  # each unordered pair counted twice, as is m (m - 1)
 
 
-def split_similarities(metric: Tensor, num_prefix: int) -> Tensor:
-    """Cosine similarities of every (source, destination) pair of the hard split (``merge.bipartite_pairs``).
-
-    Args:
-        metric: [B, N, C].
-
-    Returns:
-        [B, Ns * Nd], sources major.
-    """
-    off = M.hard_split_offset(num_prefix)
-    m = M.normalize(metric[:, num_prefix:].float())
-    return (m[:, 1 - off :: 2] @ m[:, off::2].transpose(1, 2)).flatten(1)
-
-
 def merge_agreement(key_metric: Tensor, embed_metric: Tensor, r: int, num_prefix: int) -> Tensor:
     """Share of the r sources merged on ``embed_metric`` that ToMe's rule on ``key_metric`` also merges.
 
@@ -75,8 +61,8 @@ class RecordingDTEM(DTEMHard):
         r = self.schedule[layer]
         if r and keys is not None:
             key_metric, embed_metric = keys.mean(1), self.embed[layer](u)
-            sk = split_similarities(key_metric, self.num_prefix)
-            se = split_similarities(embed_metric, self.num_prefix)
+            sk = M.split_similarity(key_metric, self.num_prefix).flatten(1)
+            se = M.split_similarity(embed_metric, self.num_prefix).flatten(1)
             if sk.shape[1] > self.pairs:
                 g = torch.Generator().manual_seed(self.seed + layer)
                 pick = torch.randperm(sk.shape[1], generator=g)[: self.pairs].to(sk.device)

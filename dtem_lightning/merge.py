@@ -123,6 +123,44 @@ def hard_split_offset(num_prefix: int) -> int:
     return 0 if num_prefix % 2 else 1
 
 
+def split_similarity(metric: Tensor, num_prefix: int) -> Tensor:
+    """Cosine similarities of the hard split's sources (rows) and destinations (columns), in float32 or wider.
+
+    Args:
+        metric: [B, N, C] similarity features; the split is :func:`hard_split_offset`'s.
+
+    Returns:
+        [B, Ns, Nd].
+    """
+    off = hard_split_offset(num_prefix)
+    m = normalize(metric[:, num_prefix:].float())
+    return m[:, 1 - off :: 2] @ m[:, off::2].transpose(1, 2)
+
+
+def _tome_choice(
+    metric: Tensor, r: int, num_prefix: int, threshold: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's choice on the hard split: every source's most similar destination, the r best sources merged.
+
+    Returns indices into the split's sources and destinations: ``merged`` sources [B, r'] (best first), the
+    ``kept`` sources [B, Ns - r'] in their original order and the ``merged`` sources' destinations [B, r'].
+    r' is r capped at half the patch tokens and, with a ``threshold``, at the smallest count over the batch of
+    sources whose best similarity reaches it.
+    """
+    B, N, _ = metric.shape
+    r = capped_r(r, N - num_prefix)  # <= the source count for either offset
+    with torch.no_grad():
+        sim = split_similarity(metric, num_prefix)
+        if sim.shape[2]:
+            best, best_dst = sim.max(dim=-1)  # [B, Ns]
+        else:  # at most one patch: nothing to match (r is 0)
+            best, best_dst = sim.new_zeros(B, sim.shape[1]), sim.new_zeros(B, sim.shape[1], dtype=torch.long)
+        if threshold is not None:
+            r = min(r, int((best >= threshold).sum(-1).min())) if B else 0
+        order = best.argsort(dim=-1, descending=True)
+        return order[:, :r], order[:, r:].sort(dim=-1).values, best_dst.gather(1, order[:, :r])
+
+
 def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
     """ToMe's bipartite soft matching, on patch tokens only.
 
@@ -144,23 +182,10 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
         ``merge(x, reduce="sum") -> [B, N - r, C']`` combining x [B, N, C'] with ``scatter_reduce`` (merging the
         identity gives the source map that :func:`unmerge_tokens` copies merged tokens back with).
     """
-    B, N, _ = metric.shape
+    B = metric.shape[0]
     off = hard_split_offset(num_prefix)
-    num_patch = N - num_prefix
-    num_dst = (num_patch - off + 1) // 2  # patch positions off, off + 2, ...
-    num_src = num_patch - num_dst
-    r = capped_r(r, num_patch)  # <= num_src for either offset
-    with torch.no_grad():
-        m = normalize(metric[:, num_prefix:].float())
-        src, dst = m[:, 1 - off :: 2], m[:, off::2]
-        if num_dst:
-            best, best_dst = (src @ dst.transpose(1, 2)).max(dim=-1)  # [B, Ns]
-        else:  # at most one patch: nothing to match (r is 0)
-            best, best_dst = src.new_zeros(B, num_src), src.new_zeros(B, num_src, dtype=torch.long)
-        order = best.argsort(dim=-1, descending=True)
-        merged_src = order[:, :r]  # [B, r]
-        kept_src = order[:, r:].sort(dim=-1).values  # original order
-        merged_dst = best_dst.gather(1, merged_src)  # [B, r]
+    merged_src, kept_src, merged_dst = _tome_choice(metric, r, num_prefix)
+    r, num_src = merged_src.shape[1], merged_src.shape[1] + kept_src.shape[1]
 
     def merge(x: Tensor, reduce: str = "sum") -> Tensor:
         prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
@@ -323,21 +348,10 @@ def bipartite_pairs(
     """
     B, N, _ = metric.shape
     off, num_patch = hard_split_offset(num_prefix), N - num_prefix
-    r = capped_r(r, num_patch)
     src_pos = torch.arange(1 - off, num_patch, 2, device=metric.device)
     dst_pos = torch.arange(off, num_patch, 2, device=metric.device)
-    with torch.no_grad():
-        m = normalize(metric[:, num_prefix:].float())
-        if len(dst_pos):
-            best, best_dst = (m[:, src_pos] @ m[:, dst_pos].transpose(1, 2)).max(dim=-1)
-        else:
-            best = m.new_zeros(B, len(src_pos))
-            best_dst = torch.zeros(B, len(src_pos), dtype=torch.long, device=m.device)
-        if threshold is not None:
-            r = min(r, int((best >= threshold).sum(-1).min())) if B else 0
-        order = best.argsort(dim=-1, descending=True)
-        kept = order[:, r:].sort(dim=-1).values
-        src, dst = src_pos[order[:, :r]], dst_pos[best_dst.gather(1, order[:, :r])]
+    merged, kept, merged_dst = _tome_choice(metric, r, num_prefix, threshold)
+    src, dst = src_pos[merged], dst_pos[merged_dst]
     keep = torch.cat([src_pos[kept], dst_pos.expand(B, -1)], dim=1)
     return src, dst, keep
 

@@ -13,7 +13,7 @@ from conftest import ROOT, tiny_vit
 
 from dtem_lightning import apply_policy
 from dtem_lightning import merge as M
-from dtem_lightning.analysis import RecordingDTEM, kendall_tau, merge_agreement, split_similarities
+from dtem_lightning.analysis import RecordingDTEM, kendall_tau, merge_agreement
 from dtem_lightning.cli import main as dtem
 
 sys.path.insert(0, str(ROOT / "experiments"))
@@ -45,7 +45,7 @@ def test_kendall_tau_by_hand() -> None:
 def test_split_similarities_and_agreement_by_hand() -> None:
     metric, other = torch.randn(2, 11, 6), torch.randn(2, 11, 6)
     P = 1
-    sims = split_similarities(metric, P)
+    sims = M.split_similarity(metric, P).flatten(1)
     off = M.hard_split_offset(P)
     patches = M.normalize(metric[:, P:])
     srcs, dsts = list(range(1 - off, 10, 2)), list(range(off, 10, 2))
