@@ -20,6 +20,7 @@ import torch
 
 from dtem_lightning import policy as policies
 from dtem_lightning.data import CocoCaptionDataModule, Flickr8kDataModule
+from dtem_lightning.data.base import stored_settings
 from dtem_lightning.data.captions import CaptionDataModule
 from dtem_lightning.patch import use_policy
 from dtem_lightning.tasks import CaptioningTask
@@ -69,18 +70,13 @@ def data_from_checkpoint(
     """
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hp = dict(ckpt.get("datamodule_hyper_parameters") or {})
-    class_path = hp.pop("_class_path", None)
-    hp.pop("_instantiator", None)
-    if "max_per_class" in hp:
-        # checkpoints from before issue 18 store max_per_split under its old name (per split for caption data)
-        if "max_per_split" in hp:
-            raise ValueError(f"{ckpt_path} stores both max_per_class and max_per_split; drop one")
-        hp["max_per_split"] = hp.pop("max_per_class")
+    class_path = hp.get("_class_path")
     if class_path is not None:
         module, name = class_path.rsplit(".", 1)
         cls = getattr(importlib.import_module(module), name)
     else:
         cls = CocoCaptionDataModule if coco else Flickr8kDataModule
+    hp = stored_settings(cls, hp)
     if not hp:
         if root is None:
             raise ValueError(

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dtem_lightning.analysis import RecordingDTEM
-from dtem_lightning.data import ImageFolderDataModule
+from dtem_lightning.data.base import stored_settings
 from dtem_lightning.io import load_weights_only, untrusted_class_paths
 from dtem_lightning.merge import parse_r
 from dtem_lightning.tasks import BaseTask
@@ -45,16 +45,7 @@ def load_task_and_data(ckpt_path: str, root: str | None, batch_size: int) -> tup
     task = task_cls.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
     data_cls = _trusted_class(data_hp.pop("_class_path"), "data")
     data_hp.update({k: v for k, v in {"root": root, "batch_size": batch_size, "num_workers": 0}.items() if v})
-    return task, data_cls(**data_settings(data_cls, data_hp))
-
-
-def data_settings(data_cls: type, stored: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's stored data-module settings as ``data_cls`` takes them today."""
-    hp = {k: v for k, v in stored.items() if k != "_instantiator"}
-    if "max_per_class" in hp and not issubclass(data_cls, ImageFolderDataModule):
-        # Written before max_per_split existed: outside image folders it limited images per split.
-        hp["max_per_split"] = hp.pop("max_per_class")
-    return hp
+    return task, data_cls(**stored_settings(data_cls, data_hp))
 
 
 @torch.inference_mode()

@@ -115,7 +115,10 @@ def test_an_embedding_equal_to_the_keys_agrees_fully(image_root: str, tmp_path: 
 
 def test_old_checkpoint_data_settings_are_translated() -> None:
     from dtem_lightning.data import CamVidDataModule, ImageFolderDataModule
+    from dtem_lightning.data.base import stored_settings
 
-    old = {"root": "r", "max_per_class": 3, "_instantiator": "x"}
-    assert table7.data_settings(CamVidDataModule, old) == {"root": "r", "max_per_split": 3}
-    assert table7.data_settings(ImageFolderDataModule, old) == {"root": "r", "max_per_class": 3}
+    old = {"root": "r", "max_per_class": 3, "_instantiator": "x", "_class_path": "y"}
+    assert stored_settings(CamVidDataModule, old) == {"root": "r", "max_per_split": 3}
+    assert stored_settings(ImageFolderDataModule, old) == {"root": "r", "max_per_class": 3}
+    with pytest.raises(ValueError, match="both max_per_class and max_per_split"):
+        stored_settings(CamVidDataModule, {**old, "max_per_split": 2})

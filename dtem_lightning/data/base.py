@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -56,6 +57,23 @@ def resolve_backbone_config(backbone: str) -> dict[str, Any]:
     with torch.device("meta"):
         model = timm.create_model(backbone, pretrained=False)
     return resolve_data_config({}, model=model)
+
+
+def stored_settings(data_cls: type, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored data-module settings (``datamodule_hyper_parameters``) as ``data_cls`` takes them.
+
+    Checkpoints from before ``max_per_split`` store it as ``max_per_class`` (per split outside class folders):
+    translated for a class that has no ``max_per_class`` of its own.
+
+    Raises:
+        ValueError: both names are stored.
+    """
+    hp = {k: v for k, v in stored.items() if k not in ("_class_path", "_instantiator")}
+    if "max_per_class" in hp and "max_per_class" not in inspect.signature(data_cls.__init__).parameters:
+        if "max_per_split" in hp:
+            raise ValueError("the stored data settings hold both max_per_class and max_per_split; drop one")
+        hp["max_per_split"] = hp.pop("max_per_class")
+    return hp
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
