@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dtem_lightning import DTEMHard, DTEMSoft, NoMerge, ToMe, apply_policy
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import TINY, sync  # noqa: E402
+from throughput import TINY, elapsed  # noqa: E402
 
 BACKENDS = ["MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"]
 
@@ -55,12 +55,9 @@ def throughput(args: argparse.Namespace, deadline: float) -> list[str]:
                 with torch.inference_mode():
                     for rnd in range(args.warmup + args.runs):
                         for name, _, fn in models:  # round-robin: load changes hit every policy alike
-                            sync(args.device)
-                            t0 = time.perf_counter()
-                            fn(x)
-                            sync(args.device)
+                            dt, _ = elapsed(lambda: fn(x), args.device)  # noqa: B023 - called at once
                             if rnd >= args.warmup:
-                                times[name].append(time.perf_counter() - t0)
+                                times[name].append(dt)
                 base = batch / statistics.median(times["NoMerge"])
                 for name, r, _ in models:
                     ips = batch / statistics.median(times[name])

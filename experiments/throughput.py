@@ -31,15 +31,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def elapsed(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    """Seconds ``fn()`` takes on ``device`` (synchronised before and after), and its result."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
 def timed(fn: Callable, clock: list[float], device: str) -> Callable:
     """Wrap ``fn`` so the seconds spent in it accumulate in ``clock[0]``."""
 
     def wrapper(*args: object, **kwargs: object) -> object:
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        sync(device)
-        clock[0] += time.perf_counter() - t0
+        dt, out = elapsed(lambda: fn(*args, **kwargs), device)
+        clock[0] += dt
         return out
 
     return wrapper
@@ -87,11 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             for i, (_, r, model, policy, clock) in enumerate(configs):
                 with policy.reduce(r):
                     clock[0] = 0.0
-                    sync(args.device)
-                    t0 = time.perf_counter()
-                    model(x)
-                    sync(args.device)
-                    dt = time.perf_counter() - t0
+                    dt, _ = elapsed(lambda: model(x), args.device)  # noqa: B023 - called at once
                 if rnd >= args.warmup:
                     times[i].append(dt)
                     merge_share[i].append(clock[0] / dt)
