@@ -74,11 +74,17 @@ def test_recording_policy_merges_as_dtem_and_groups_blocks() -> None:
     assert rows[0]["tau"] == pytest.approx(taus.mean().item())
 
 
-def test_table7_script_on_a_fit_checkpoint(image_root: str, tmp_path: Path) -> None:
-    configs = ROOT / "configs"
+@pytest.fixture(scope="module")
+def fit_ckpt(image_root: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `dtem fit` checkpoint of the CIFAR-10 DTEM config with the debug overlay (shared by the tests here)."""
+    out, configs = tmp_path_factory.mktemp("fit"), ROOT / "configs"
     dtem(["fit", "-c", str(configs / "cifar10_dtem_modular.yaml"), "-c", str(configs / "debug.yaml"),
-          f"--data.init_args.root={image_root}", f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
-    ckpt = next(tmp_path.rglob("last.ckpt"))
+          f"--data.init_args.root={image_root}", f"--trainer.logger.init_args.save_dir={out}"])  # fmt: skip
+    return next(out.rglob("last.ckpt"))
+
+
+def test_table7_script_on_a_fit_checkpoint(fit_ckpt: Path, tmp_path: Path) -> None:
+    ckpt = fit_ckpt
     out = tmp_path / "t7" / "table7.md"
     table7.main([str(ckpt), "--batches", "1", "--batch-size", "4", "--r", "4", "--out", str(out)])
     rows = out.with_suffix(".csv").read_text().splitlines()
@@ -93,12 +99,9 @@ def test_table7_script_on_a_fit_checkpoint(image_root: str, tmp_path: Path) -> N
     assert "| trained | 2-2 |" in out.read_text()
 
 
-def test_an_embedding_equal_to_the_keys_agrees_fully(image_root: str, tmp_path: Path) -> None:
+def test_an_embedding_equal_to_the_keys_agrees_fully(fit_ckpt: Path) -> None:
     """Set the trained embedding to the keys' own projection (averaged over heads): tau = 1, every merge shared."""
-    configs = ROOT / "configs"
-    dtem(["fit", "-c", str(configs / "cifar10_dtem_modular.yaml"), "-c", str(configs / "debug.yaml"),
-          f"--data.init_args.root={image_root}", f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
-    task, data = table7.load_task_and_data(str(next(tmp_path.rglob("last.ckpt"))), None, 4)
+    task, data = table7.load_task_and_data(str(fit_ckpt), None, 4)
     C, H = task.encoder.width, task.encoder.num_heads
     with torch.no_grad():
         for block, embed in zip(task.encoder.backbone.blocks, task.policy.embed, strict=True):

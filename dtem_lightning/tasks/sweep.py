@@ -34,26 +34,25 @@ def distinct_labels(labels: list[str], policies: list[MergePolicy]) -> list[str]
         config = policy_config(p)
         return dict(config[1]) if config else {}
 
+    def with_extra(label: str, extra: str) -> str:
+        """``DTEM (untrained)`` + ``#2`` -> ``DTEM (untrained #2)``; ``ToMe`` + ``a=1`` -> ``ToMe (a=1)``."""
+        if not label.endswith(")"):
+            return f"{label} ({extra})"
+        return f"{label[:-1]}{' ' if extra.startswith('#') else ', '}{extra})"
+
     def first_label(j: int, label: str) -> str:
-        """The first policy of a repeated label keeps it bare only where it has its class's defaults."""
+        """The first policy of a repeated label keeps it bare only where it has its class's defaults; the task's
+        own policy (row 0) keeps its label (notes and tools key on it)."""
         group = [policies[k] for k, other in enumerate(labels) if other == label]
-        if (
-            len(group) < 2 or j == 0
-        ):  # the task's own policy (row 0) keeps its label: notes and tools key on it
+        if len(group) < 2 or j == 0:
             return label
         mine = args(policies[j])
         varying = {k for p in group[1:] for k, v in args(p).items() if k in mine and mine[k] != v}
         defaults = inspect.signature(type(policies[j]).__init__).parameters
         own = [
-            f"{k}={mine[k]}"
-            for k in mine
-            if k in varying and k in defaults and defaults[k].default != mine[k]
+            f"{k}={v}" for k, v in mine.items() if k in varying and k in defaults and defaults[k].default != v
         ]
-        return (
-            f"{label[:-1]}, {', '.join(own)})"
-            if own and label.endswith(")")
-            else (f"{label} ({', '.join(own)})" if own else label)
-        )
+        return with_extra(label, ", ".join(own)) if own else label
 
     out: list[str] = []
     for j, (label, p) in enumerate(zip(labels, policies)):
@@ -65,8 +64,7 @@ def distinct_labels(labels: list[str], policies: list[MergePolicy]) -> list[str]
         extras = [", ".join(f"{k}={v}" for k, v in mine.items() if k in theirs and theirs[k] != v)]
         extras.append(f"#{labels[: j + 1].count(label)}")
         for extra in filter(None, extras):
-            sep = " " if extra.startswith("#") else ", "
-            name = f"{label[:-1]}{sep}{extra})" if label.endswith(")") else f"{label} ({extra})"
+            name = with_extra(label, extra)
             if name not in out:
                 break
         out.append(name)
