@@ -22,8 +22,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from dtem_lightning import policy as _policy  # noqa: F401
 from dtem_lightning.callbacks import FinalCheckpoint, FlopsLogger, SweepWriter, run_dir
 from dtem_lightning.data import BaseDataModule
-from dtem_lightning.hf import data_backbone
-from dtem_lightning.hf import is_model as is_hf_model
 from dtem_lightning.io import (
     AtomicCheckpointIO,
     PickledCodeError,
@@ -94,10 +92,6 @@ class DTEMCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default: no user plugin
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if self.datamodule is not None and is_hf_model(str(self.model.hparams.get("backbone", ""))):
-            # Its data module holds the timm name of the hf model's image statistics (data_backbone), so the two
-            # "backbone" hparams differ by design: Lightning would refuse to log both; the model's are logged.
-            self.datamodule._log_hyperparams = False
         return trainer
 
     def before_fit(self) -> None:
@@ -115,8 +109,7 @@ class DTEMCLI(LightningCLI):
         parser.add_lightning_class_args(SweepWriter, "sweep")
         parser.add_lightning_class_args(FlopsLogger, "flops")
         parser.add_lightning_class_args(FinalCheckpoint, "final_checkpoint")
-        # An hf:<folder> backbone hands the data module the timm name of its image statistics (data_backbone).
-        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone", data_backbone)
+        parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
         parser.link_arguments("data.init_args.img_size", "model.init_args.img_size")
         # jsonargparse skips an instantiation link whose source attribute the data module lacks (caption data
         # has no num_classes, class folders no vocab_size), so each task gets only its own.

@@ -47,6 +47,15 @@ __all__ = ["BACKENDS", "SIZE_EPS", "Encoded", "MergingEncoder", "parse_r", "r_ke
 BACKENDS: tuple[ModuleType, ...] = (timm_backend, hf_backend)
 
 
+def data_backbone(name: str) -> str:
+    """The timm name whose data config (mean, std, crop) the data modules resolve for the model name ``name``:
+    its backend's ``data_backbone``; a name no backend knows is returned unchanged (the data module refuses it)."""
+    for backend in BACKENDS:
+        if backend.is_model(name):
+            return backend.data_backbone(name)
+    return name
+
+
 def backend_for(backbone: str | nn.Module) -> ModuleType:
     """The backend of a model name or a model; the error names the first backend's kind of names."""
     for backend in BACKENDS:

@@ -179,6 +179,11 @@ def is_model(name: str) -> bool:
     return timm.is_model(name)
 
 
+def data_backbone(name: str) -> str:
+    """The timm name whose data config the data modules use: a timm name is its own."""
+    return name
+
+
 def owns(model: nn.Module) -> bool:
     """Whether ``model`` is a timm ViT this backend patches."""
     return isinstance(model, VisionTransformer)

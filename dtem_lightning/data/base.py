@@ -26,6 +26,7 @@ from dtem_lightning.data.sampling import (
     samples_done_this_epoch,
 )
 from dtem_lightning.data.store import Store
+from dtem_lightning.encoder import data_backbone
 
 TINY_SIZE = 64  # at or below this side length images are resized, never randomly cropped from a large canvas
 TRAIN_TRANSFORMS = ("deit", "simple")
@@ -35,7 +36,8 @@ STAGE_SPLITS = {None: SPLITS, "fit": ("train", "val"), "validate": ("val",), "te
 
 
 def resolve_backbone_config(backbone: str) -> dict[str, Any]:
-    """Data config (input_size, mean, std, crop_pct, interpolation, crop_mode) of a timm model name.
+    """Data config (input_size, mean, std, crop_pct, interpolation, crop_mode) of a timm model name, or of the
+    timm model with the same image statistics for another backend's name (:func:`dtem_lightning.encoder.data_backbone`).
 
     Reads the registered pretrained config, which needs no weights and no model; only a model registered without
     one is built, on the meta device (no memory, no init cost).
@@ -46,6 +48,7 @@ def resolve_backbone_config(backbone: str) -> dict[str, Any]:
     Raises:
         ValueError: the name is not a timm model, or its pretrained tag is unknown.
     """
+    backbone = data_backbone(backbone)
     if not timm.is_model(backbone.split(".")[0]):
         raise ValueError(f"backbone {backbone!r} is not a timm model name (see timm.list_models())")
     try:
