@@ -238,16 +238,20 @@ class MergePolicy(nn.Module):
         if self.mode == "soft" and self.state.training:
             return self._soft_merge(layer, x, metric)
         r = self.schedule[layer] if self.schedule else 0
-        if metric is None or r == 0:
-            self.state.tokens.append(x.shape[1])
-            return x
-        merge = M.bipartite_matching(metric, r, self.num_prefix)
-        x, self.state.size = M.merge_weighted(merge, x, self.size(x))
-        if self.state.source is not None:
-            self.state.source = merge(self.state.source, "sum")
-        self.state.active = x.shape[1]
+        if metric is not None and r:
+            x, self.state.size, self.state.source = self.hard_merge(layer, x, metric, r)
+            self.state.active = x.shape[1]
         self.state.tokens.append(x.shape[1])
         return x
+
+    def hard_merge(
+        self, layer: int, x: Tensor, metric: Tensor, r: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """One block's hard merge of ``x`` [B, N, C] on ``metric``: tokens [B, N', C], their sizes [B, N', 1] and
+        the source map (None when not traced). ToMe's rule: bipartite matching, size-weighted mean."""
+        merge = M.bipartite_matching(metric, r, self.num_prefix)
+        x, size = M.merge_weighted(merge, x, self.size(x))
+        return x, size, None if self.state.source is None else merge(self.state.source, "sum")
 
     def _sort_by_size(self, x: Tensor, n: int, before: Tensor | None = None) -> Tensor:
         """Re-sort patch tokens ``P..n`` of x [B, N, C] (with sizes and sources) by size, largest first, stably.
@@ -485,7 +489,7 @@ class ToMeSoft(ToMe):
 
 class _PairMerging(ToMe):
     """A training-free policy on ToMe's metric (keys averaged over heads) with its own pairs and merge rule:
-    subclasses give :meth:`pairs` and :meth:`how`; the merge is :func:`~dtem_lightning.merge.merge_pairs`."""
+    subclasses give :meth:`pairs` and :meth:`how`; :meth:`hard_merge` is :func:`~dtem_lightning.merge.merge_pairs`."""
 
     def pairs(self, layer: int, metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
         """``src``, ``dst`` [B, r] and ``keep`` [B, Np - r] patch indices (see ``merge.merge_pairs``)."""
@@ -494,18 +498,17 @@ class _PairMerging(ToMe):
     def how(self, layer: int) -> str:
         return "mean"
 
-    def merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
-        r = self.schedule[layer] if self.schedule else 0
-        if metric is None or r == 0:
-            self.state.tokens.append(x.shape[1])
-            return x
+    def hard_merge(
+        self, layer: int, x: Tensor, metric: Tensor, r: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         src, dst, keep = self.pairs(layer, metric, r)
-        x, self.state.size = M.merge_pairs(x, self.size(x), src, dst, keep, self.num_prefix, self.how(layer))
-        if self.state.source is not None:
-            self.state.source = M.merge_pair_sources(self.state.source, src, dst, keep, self.num_prefix)
-        self.state.active = x.shape[1]
-        self.state.tokens.append(x.shape[1])
-        return x
+        x, size = M.merge_pairs(x, self.size(x), src, dst, keep, self.num_prefix, self.how(layer))
+        source = self.state.source
+        return (
+            x,
+            size,
+            None if source is None else M.merge_pair_sources(source, src, dst, keep, self.num_prefix),
+        )
 
 
 class PiToMe(_PairMerging):
