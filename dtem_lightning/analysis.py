@@ -57,10 +57,11 @@ class RecordingDTEM(DTEMHard):
         self.pairs, self.seed = pairs, seed
         self.records: dict[int, dict[str, list[Tensor]]] = {}
 
-    def step(self, layer: int, x: Tensor, u: Tensor, keys: Tensor | None = None) -> Tensor:
-        r = self.schedule[layer]
-        if r and keys is not None:
-            key_metric, embed_metric = keys.mean(1), self.embed[layer](u)
+    def metric(self, layer: int, u: Tensor) -> Tensor | None:
+        """The embedding (called only in blocks with r > 0), recorded against the keys ``step`` handed over."""
+        embed_metric = super().metric(layer, u)
+        key_metric = None if self.state.keys is None else self.state.keys.mean(1)
+        if key_metric is not None:
             sk = M.split_similarity(key_metric, self.num_prefix).flatten(1)
             se = M.split_similarity(embed_metric, self.num_prefix).flatten(1)
             if sk.shape[1] > self.pairs:
@@ -69,8 +70,9 @@ class RecordingDTEM(DTEMHard):
                 sk, se = sk[:, pick], se[:, pick]
             rec = self.records.setdefault(layer, {"tau": [], "agree": []})
             rec["tau"].append(kendall_tau(sk, se).cpu())
-            rec["agree"].append(merge_agreement(key_metric, embed_metric, r, self.num_prefix).cpu())
-        return super().step(layer, x, u, keys)
+            agree = merge_agreement(key_metric, embed_metric, self.schedule[layer], self.num_prefix)
+            rec["agree"].append(agree.cpu())
+        return embed_metric
 
     def summary(self, groups: int = 3) -> list[dict[str, float | str]]:
         """Mean tau and agreement over images for blocks grouped into ``groups`` consecutive groups (the paper:
