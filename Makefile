@@ -291,6 +291,44 @@ compare-seg: $(VENV)/.installed ## CamVid: PiToMe and ToFu rows beside DTEM and 
 	$(PY) experiments/collect.py seed$(COMPARE_SEED)=runs/camvid_dtem/compare$(COMPARE_SEED)/sweep.csv --metric miou \
 		--out results/compare-seg
 
+# The seed's open questions on CamVid (issue 20), all on the validation split (nothing here reads test): train r vs
+# test r (embeddings trained at r = 16 / 20 / 24, each evaluated at r' = 16 / 20 / 24) and data fraction (1 %, 10 %,
+# 100 % of the training images) for the modular regime (embedding only, lr 1e-3) against end to end (everything
+# trains, lr 1e-4: 1e-3 wrecks the trained backbone). The r = 20 modular 100 % run is replicate-seg's seed 0.
+# Resumable: a finished fit leaves `done`, a finished sweep its sweep.csv; `make seg-study` again skips both.
+STUDY_R ?= [16, 20, 24]
+STUDY := runs/camvid_dtem/study
+STUDY_E2E := --model.init_args.train=all --model.init_args.optimizer.init_args.lr=1e-4
+STUDY_RUNS := mod_f01 e2e_f01 mod_f10 e2e_f10 r16 r24 e2e_f100
+study_args_r16 := --model.init_args.policy.init_args.r=16
+study_args_r24 := --model.init_args.policy.init_args.r=24
+study_args_mod_f01 := --data.init_args.train_fraction=0.01
+study_args_mod_f10 := --data.init_args.train_fraction=0.1
+study_args_e2e_f01 := $(STUDY_E2E) --data.init_args.train_fraction=0.01
+study_args_e2e_f10 := $(STUDY_E2E) --data.init_args.train_fraction=0.1
+study_args_e2e_f100 := $(STUDY_E2E)
+.PHONY: seg-study
+
+# $(call study_sweep,NAME,CKPT,ARGS): validation sweep of one trained embedding at STUDY_R (skipped when done).
+define study_sweep
+	test -f $(STUDY)_$(1)_val/sweep.csv || { rm -rf $(STUDY)_$(1)_val && $(DTEM) test $(SEG_DTEM) $(3) \
+		--seed_everything=0 --data.init_args.test_on=val --ckpt_path=$(2) '--model.init_args.test_r=$(STUDY_R)' \
+		--trainer.logger.init_args.version=study_$(1)_val; }
+
+endef
+# $(call study_run,NAME): fit (skipped when done), then its validation sweep.
+define study_run
+	test -f $(STUDY)_$(1)/done || { rm -rf $(STUDY)_$(1) && $(DTEM) fit $(SEG_DTEM) $(study_args_$(1)) \
+		--seed_everything=0 --trainer.logger.init_args.version=study_$(1) && touch $(STUDY)_$(1)/done; }
+	$(call study_sweep,$(1),$(STUDY)_$(1)/checkpoints/last.ckpt,$(study_args_$(1)))
+endef
+
+seg-study: $(VENV)/.installed ## CamVid val: train r vs test r, data fraction modular vs end to end (needs replicate-seg seed 0; ~70 min)
+	$(call study_sweep,r20,runs/camvid_dtem/seed0/checkpoints/last.ckpt,)
+	$(foreach n,$(STUDY_RUNS),$(call study_run,$(n)))
+	$(PY) experiments/collect.py r20=$(STUDY)_r20_val/sweep.csv \
+		$(foreach n,$(STUDY_RUNS),$(n)=$(STUDY)_$(n)_val/sweep.csv) --metric miou --out results/seg-study
+
 # Paper Table 6 at the demo's scale: ToMe off the shelf and DTEM modular come from `make demo` (results/demo);
 # ToMe and ToMeSoft (keys + soft merging) are trained end to end here with the same data, steps and r.
 TABLE6_RUN := runs/table6

@@ -494,3 +494,34 @@ def test_test_on_val_evaluates_the_validation_images(capsys):
     assert not torch.equal(on_val.test_dataset[0][1], plain.test_dataset[0][1])
     with pytest.raises(ValueError, match="test_on must be 'test' or 'val', got 'train'"):
         CamVidDataModule(root=str(CAMVID), test_on="train")
+
+
+# --- train_fraction (issue 20: data-fraction sweeps) ---------------------------------------------------------
+
+
+def test_train_fraction_thins_train_only_and_is_checked(capsys):
+    full = SyntheticDataModule(num_samples=40, batch_size=4)
+    part = SyntheticDataModule(num_samples=40, batch_size=4, train_fraction=0.1)
+    full.setup("fit"), part.setup("fit")
+    part.setup("test"), full.setup("test")
+    assert len(part.train_dataset) == 4 and len(full.train_dataset) == 40
+    assert len(part.val_dataset) == len(part.test_dataset) == 40  # evaluation splits stay whole
+    kept = torch.stack([part.train_dataset[i][0] for i in range(4)])
+    evenly_spaced = torch.stack([full.train_dataset[i][0] for i in (0, 10, 20, 30)])
+    assert torch.equal(kept, evenly_spaced)
+    assert torch.equal(part.test_dataset.tensors[0], full.test_dataset.tensors[0])
+    assert "train_fraction=0.1: training on 4 of 40 samples" in capsys.readouterr().out
+    tiny = SyntheticDataModule(num_samples=40, train_fraction=0.001)
+    tiny.setup("fit")
+    assert len(tiny.train_dataset) == 1  # never an empty training split
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=f"train_fraction must be in \\(0, 1\\], got {bad}"):
+            SyntheticDataModule(train_fraction=bad)
+
+
+def test_train_fraction_batches_through_the_seeded_loader():
+    dm = SyntheticDataModule(num_samples=40, batch_size=4, train_fraction=0.5)
+    dm.setup("fit")
+    # the Subset's __getitems__ must not bypass the per-sample seeds
+    x, y = first_batch(dm.train_dataloader())
+    assert x.shape == (4, 3, 32, 32) and len(dm.train_dataloader()) == 5

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
 from timm.data.auto_augment import RandAugment
 from timm.data.transforms import str_to_interp_mode
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from dtem_lightning.data.checks import check_images
@@ -25,7 +25,7 @@ from dtem_lightning.data.sampling import (
     SeededDataset,
     samples_done_this_epoch,
 )
-from dtem_lightning.data.store import Store
+from dtem_lightning.data.store import Store, thin
 from dtem_lightning.encoder import data_backbone
 
 TINY_SIZE = 64  # at or below this side length images are resized, never randomly cropped from a large canvas
@@ -115,6 +115,9 @@ class BaseDataModule(L.LightningDataModule):
             unshuffled evaluation loaders evaluates only the first classes, and ``1`` is one batch.
         test_on: the split ``dtem test`` evaluates: ``test``, or ``val`` to choose settings (a policy's
             threshold, r) on validation data without reading the test split.
+        train_fraction: train on this fraction of the training split (at least one sample, evenly spaced in its
+            order, the same subset every run; applied after ``max_per_split``); val and test stay whole, so runs
+            on 1 % and 100 % of the data are evaluated on the same images.
     """
 
     num_classes: int
@@ -134,8 +137,12 @@ class BaseDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         max_per_split: int | None = None,
         test_on: str = "test",
+        train_fraction: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
+        self.train_fraction = train_fraction
         if test_on not in ("test", "val"):
             raise ValueError(f"test_on must be 'test' or 'val', got {test_on!r}")
         self.test_on = test_on
@@ -175,6 +182,13 @@ class BaseDataModule(L.LightningDataModule):
         goes."""
         raise NotImplementedError(f"{type(self).__name__} must implement _dataset(split, train) or setup()")
 
+    def _fraction(self, dataset: Dataset) -> Dataset:
+        """``train_fraction`` of the training ``dataset`` (evenly spaced, at least one sample), said in one line."""
+        n = len(dataset)
+        keep = thin(range(n), max(1, round(self.train_fraction * n)))
+        self.note(f"data: train_fraction={self.train_fraction}: training on {len(keep)} of {n} samples")
+        return Subset(dataset, keep)
+
     def source(self, split: str) -> str:
         """The split whose data serves ``split``: itself, or the other evaluation split where it is missing."""
         return split
@@ -197,6 +211,8 @@ class BaseDataModule(L.LightningDataModule):
             key = (self.source(self.test_on if split == "test" else split), split == "train")
             if key not in self._datasets:
                 self._datasets[key] = self._dataset(*key)
+                if split == "train" and self.train_fraction < 1:
+                    self._datasets[key] = self._fraction(self._datasets[key])
             built[split] = self._datasets[key]
             setattr(self, f"{split}_dataset", built[split])
         self.announce(self.split_sizes(built), getattr(self, "num_classes", None), **self.announce_fields())

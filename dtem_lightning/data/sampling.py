@@ -79,7 +79,8 @@ class SeededDataset(Dataset):
             np.random.set_state(np_state)
 
     def __getattr__(self, name: str) -> Any:  # e.g. .samples, .classes of the wrapped dataset
-        if name == "base":
+        # not dunders: the loader's fetcher would take e.g. a Subset's __getitems__ and bypass the seeds
+        if name == "base" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.base, name)
 
