@@ -42,9 +42,12 @@ format: $(VENV)/.installed ## Format and autofix with ruff
 gpu-check: $(VENV)/.installed ## On one CUDA GPU (~5 min): half-precision/compile throughput, bf16 soft step, SDPA backends
 	$(PY) experiments/gpu_check.py
 
-bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16 for every policy, batch 32 and 1
-	$(PY) experiments/throughput.py --batch 32
-	$(PY) experiments/throughput.py --batch 1
+bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16, every policy, eager and compiled, batch 32 and 1
+	$(PY) experiments/throughput.py --batch 32 --compile
+	$(PY) experiments/throughput.py --batch 1 --compile
+
+bench-train-step: $(VENV)/.installed ## Time and peak memory of DTEM's soft training step vs NoMerge end to end (DeiT-S, r = 16)
+	$(PY) experiments/train_step.py --batch 16 32
 
 # ----------------------------------------------------------------------------------------------------------------
 # Demo: CIFAR-10 subset, small committed ViT, modular DTEM, one r-sweep with NoMerge/ToMe/DTEM + control row.
