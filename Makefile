@@ -6,7 +6,7 @@ PYTHON ?= python3
 ACCELERATOR ?= cpu
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-hf test test-slow test-all lint format gpu-check bench-throughput caption-small camvid-small
+.PHONY: help install install-hf test test-slow test-all lint format gpu-check bench-throughput bench-train-step caption-small camvid-small
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-20s %s\n", $$1, $$2}'
