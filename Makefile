@@ -42,9 +42,13 @@ format: $(VENV)/.installed ## Format and autofix with ruff
 gpu-check: $(VENV)/.installed ## On one CUDA GPU (~5 min): half-precision/compile throughput, bf16 soft step, SDPA backends
 	$(PY) experiments/gpu_check.py
 
-bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S at r = 0/8/13/16, every policy, eager and compiled, batch 32 and 1
-	$(PY) experiments/throughput.py --batch 32 --compile
-	$(PY) experiments/throughput.py --batch 1 --compile
+# Every policy eager at r = 0/8/13/16; then torch.compile (inductor) against eager for NoMerge, ToMe and DTEM-hard at
+# r = 16 (a compile per model and r takes about a minute on 2 cores).
+bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S, every policy, batch 32 and 1; compiled vs eager at r = 16
+	$(PY) experiments/throughput.py --batch 32
+	$(PY) experiments/throughput.py --batch 1
+	$(PY) experiments/throughput.py --batch 32 --compile --policies NoMerge ToMe DTEMHard --r 16
+	$(PY) experiments/throughput.py --batch 1 --compile --policies NoMerge ToMe DTEMHard --r 16
 
 bench-train-step: $(VENV)/.installed ## Time and peak memory of DTEM's soft training step vs NoMerge end to end (DeiT-S, r = 16)
 	$(PY) experiments/train_step.py --batch 16 32
