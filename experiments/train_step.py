@@ -7,14 +7,13 @@ Usage: python experiments/train_step.py [--model deit_small_patch16_224] [--batc
 Random-init weights, fp32, a fixed random batch. Times: configurations timed round-robin (one step of each per
 round, so a change in machine load hits all alike), median over rounds. Peak memory: on CUDA the allocator's peak
 during the steps; on CPU each configuration runs alone in a fresh process and reports its peak resident memory
-(``ru_maxrss``) and the part of it the steps added on top of the model and the batch ("step").
+(``VmHWM``) and the part of it the steps added on top of the model and the batch ("step").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -63,10 +62,13 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
     opt.step()
 
 
-def rss_mib() -> float:
-    """Resident memory of this process now, MiB (Linux)."""
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize() / 2**20
+def proc_status_mib(field: str) -> float:
+    """A memory field of /proc/self/status in MiB (Linux): ``VmRSS`` now, ``VmHWM`` its peak. Not ``ru_maxrss``:
+    that one survives fork and exec, so a child started by a big parent reports the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def peak_memory(args: argparse.Namespace, name: str, batch: int) -> dict[str, float]:
@@ -83,16 +85,17 @@ def peak_memory(args: argparse.Namespace, name: str, batch: int) -> dict[str, fl
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return {"peak": peak / 2**20, "step": (peak - before) / 2**20}
-    before = rss_mib()
+    before = proc_status_mib("VmRSS")
     for _ in range(args.runs):
         step(model, opt, x, y)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = proc_status_mib("VmHWM")
     return {"peak": peak, "step": peak - before}
 
 
 def memory_in_child(args: argparse.Namespace, name: str, batch: int) -> dict[str, float]:
     """:func:`peak_memory` of one configuration in a fresh Python process (CPU: the peak is per process)."""
-    cmd = [sys.executable, __file__, "--model", args.model, "--r", str(args.r), "--runs", str(args.runs)]
+    # two steps: the first allocates the optimizer state, the second shows the steady state
+    cmd = [sys.executable, __file__, "--model", args.model, "--r", str(args.r), "--runs", "2"]
     cmd += ["--device", args.device, "--child", name, "--batch", str(batch)] + (
         ["--tiny"] if args.tiny else []
     )
