@@ -4,6 +4,7 @@ and weights, paired with this model's rows on the same test samples."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,16 +12,19 @@ import torch
 from conftest import ROOT, read_sweep
 
 from dtem_lightning import NoMerge, PiToMe, ToMe, ToMeSoft
+from dtem_lightning.callbacks import tradeoff_series
 from dtem_lightning.cli import main as dtem
 from dtem_lightning.tasks import ClassificationTask
 from dtem_lightning.tasks.sweep import policy_config, policy_from_config
 
+sys.path.insert(0, str(ROOT / "experiments"))
+import collect  # noqa: E402
+
 CONFIGS = ROOT / "configs"
 SOFT_E2E = ["-c", str(CONFIGS / "table6" / "tome_soft_e2e.yaml")]
 METRICS = ("r", "gflops", "tokens", "acc1", "acc5")
-ATM_THRESHOLD = (
-    0.97  # fewer merges than r = 4 on the debug model: its token counts are measured, not configured
-)
+# ATM merges fewer than r = 4 on the debug model at this threshold: its token counts are measured, not configured.
+ATM_THRESHOLD = 0.97
 
 
 def _args(image_root: str, out: Path, *extra: str) -> list[str]:
@@ -188,3 +192,15 @@ def test_bad_test_checkpoints_are_refused_in_one_line(
     assert e.value.code == 2
     (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dtem: error:")]
     assert want in error, error
+
+
+def test_collect_and_the_figure_read_checkpoint_rows(sweeps: dict[str, Path], tmp_path: Path) -> None:
+    """collect.py says what ``X [name]`` rows are; the figure draws each checkpoint's NoMerge as a level line."""
+    rows = collect.collect([f"t6={next(sweeps['combined'].rglob('sweep.csv'))}"], tmp_path)
+    assert (
+        "X [name]: the policy and weights of the run's test checkpoint name"
+        in (tmp_path / "sweep.md").read_text()
+    )
+    _, baselines, differences, _ = tradeoff_series(rows, "acc1")
+    assert set(baselines) == {"NoMerge", "NoMerge [self]", "NoMerge [atm]", "NoMerge [soft]"}
+    assert "ToMeSoft [soft]" in differences
