@@ -204,3 +204,19 @@ def test_collect_and_the_figure_read_checkpoint_rows(sweeps: dict[str, Path], tm
     _, baselines, differences, _ = tradeoff_series(rows, "acc1")
     assert set(baselines) == {"NoMerge", "NoMerge [self]", "NoMerge [atm]", "NoMerge [soft]"}
     assert "ToMeSoft [soft]" in differences
+
+
+def test_a_caption_checkpoint_with_another_vocabulary_is_refused() -> None:
+    """Same tensor shapes, other words: its captions would be decoded wrongly, so the test start refuses it."""
+    from dtem_lightning.tasks import CaptioningTask
+    from dtem_lightning.text import Vocabulary
+
+    tiny = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    task = CaptioningTask(backbone="vit_tiny_patch16_224", backbone_kwargs=tiny, decoder_width=32, decoder_depth=1,
+                          decoder_heads=2, max_len=5, use_meteor=False)  # fmt: skip
+    task.set_vocab(Vocabulary.build(["a dog runs", "a cat sits"], min_freq=1))
+    task.check_test_checkpoint({"vocab": task.vocab.state_dict()}, "x")
+    other = Vocabulary.build(["a bird flies", "a fish swims"], min_freq=1)
+    assert len(other) == len(task.vocab)
+    with pytest.raises(ValueError, match="x was trained with another vocabulary"):
+        task.check_test_checkpoint({"vocab": other.state_dict()}, "x")

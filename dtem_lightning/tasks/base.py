@@ -74,8 +74,8 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
             own NoMerge row when the sweep has one, all evaluated with the checkpoint's weights (every tensor of
             its state_dict) on the same test samples, labelled with the name (``ToMeSoft [tome_soft_e2e]``), so
             ``interval_reference`` pairs them with this model's rows. Names: letters, digits, ``_ . + -``. Only
-            ``dtem test`` evaluates them (fit and validate ignore them); a file of another architecture is
-            refused at test start, naming the first differing tensor.
+            ``dtem test`` evaluates them (fit and validate ignore them); a file of another architecture (or
+            caption vocabulary) is refused at test start, naming the first differing tensor.
         trust_checkpoint: allow a ``checkpoint_path`` file that needs arbitrary pickled code to load (only
             for files you trust); by default such a file is refused. Set it on the command line or in a config:
             the ``dtem`` CLI never takes it from a checkpoint's hyper-parameters.

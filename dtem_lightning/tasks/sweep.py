@@ -132,7 +132,7 @@ class CheckpointRows:
         path: the ``dtem fit`` checkpoint.
         policies: its own policy (rebuilt from its hyper-parameters), then a NoMerge of its own when the sweep has
             a NoMerge row; plain attributes, never in the task's state_dict (its checkpoints stay loadable).
-        stored: the checkpoint's state_dict as loaded (memory-mapped CPU tensors).
+        checkpoint: the checkpoint as loaded (tensors memory-mapped on the CPU).
         weights: its tensors other than the policies', on the model's device and in its dtype, by state_dict key
             (set at test start, once checked against the model; None before).
     """
@@ -140,7 +140,7 @@ class CheckpointRows:
     name: str
     path: str
     policies: list[MergePolicy]
-    stored: dict[str, Tensor]
+    checkpoint: dict[str, Any]
     weights: dict[str, Tensor] | None = None
 
 
@@ -171,7 +171,7 @@ def load_checkpoint_rows(name: str, path: str, no_merge: bool) -> CheckpointRows
     policies = [policy_from_config(hparams["policy"], f"{where} policy of {path}")]
     if no_merge and not isinstance(policies[0], NoMerge):
         policies.append(NoMerge())  # an end-to-end-trained backbone has its own r = 0 row
-    return CheckpointRows(name, str(path), policies, ckpt["state_dict"])
+    return CheckpointRows(name, str(path), policies, ckpt)
 
 
 def check_same_tensors(own: dict[str, Tensor], theirs: dict[str, Tensor], what: str) -> None:
@@ -282,19 +282,22 @@ class SweepMixin:
 
     def prepare_test_checkpoints(self) -> None:
         """At test start: check each test checkpoint against the model (every tensor but the policies', same
-        names and shapes), load its policy's weights, and put its weights and policies where the model is."""
+        names and shapes; :meth:`check_test_checkpoint`), load its policy's weights, and put its weights and
+        policies where the model is."""
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(POLICY_KEYS)}
         info = self.encoder.backend.describe(self.encoder.backbone)
         for rows in self._checkpoint_rows:
             what = f"test_checkpoints[{rows.name!r}] {rows.path}"
-            theirs = {k: v for k, v in rows.stored.items() if not k.startswith(POLICY_KEYS)}
+            stored = rows.checkpoint["state_dict"]
+            theirs = {k: v for k, v in stored.items() if not k.startswith(POLICY_KEYS)}
             check_same_tensors(own, theirs, what)
+            self.check_test_checkpoint(rows.checkpoint, what)
             bad = next(
                 (k for k, v in theirs.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
             )
             if bad is not None:
                 raise FloatingPointError(f"{what}: {bad} holds non-finite values: refusing to evaluate it")
-            policy_state = {k[len("policy.") :]: v for k, v in rows.stored.items() if k.startswith("policy.")}
+            policy_state = {k[len("policy.") :]: v for k, v in stored.items() if k.startswith("policy.")}
             try:
                 rows.policies[0].load_state_dict(policy_state)
             except RuntimeError as e:
@@ -303,6 +306,10 @@ class SweepMixin:
             for p in rows.policies:
                 p.to(device=info.device, dtype=info.dtype)
             rows.weights = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in theirs.items()}
+
+    def check_test_checkpoint(self, checkpoint: dict[str, Any], what: str) -> None:
+        """Refuse a test checkpoint whose rows this task cannot evaluate although its tensors match (subclasses:
+        e.g. another caption vocabulary of the same size); ``what`` names it in the error."""
 
     def _checkpoint_of(self, policy: MergePolicy) -> CheckpointRows | None:
         """The test checkpoint whose rows ``policy`` runs, if any."""
