@@ -311,7 +311,7 @@ define table6_fit
 
 endef
 
-table6: data-cifar10 ## Table 6 ablation (demo scale), one sweep: ToMe, ToMe e2e, ToMeSoft e2e, DTEM, PiToMe, ToFu, ATM (needs demo; ~10 min)
+table6: data-cifar10 ## Table 6 ablation (demo scale), one sweep: ToMe, ToMe e2e, ToMeSoft e2e, DTEM, PiToMe, ToFu, ATM (needs demo; ~25 min)
 	$(foreach v,$(TABLE6_FITS),$(call table6_fit,$(v)))
 	rm -rf $(TABLE6_RUN)/test
 	$(DTEM) test $(TABLE6_BASE) --ckpt_path=$(DEMO_RUN)/fit/checkpoints/last.ckpt $(COMPARE) $(TABLE6_POLICIES) \
