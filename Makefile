@@ -342,25 +342,33 @@ seg-study: $(VENV)/.installed ## CamVid val: train r vs test r, data fraction mo
 	$(PY) experiments/collect.py r20=$(STUDY)_r20_val/sweep.csv \
 		$(foreach n,$(STUDY_RUNS),$(n)=$(STUDY)_$(n)_val/sweep.csv) --metric miou --out results/seg-study
 
-# Paper Table 6 at the demo's scale: ToMe off the shelf and DTEM modular come from `make demo` (results/demo);
-# ToMe and ToMeSoft (keys + soft merging) are trained end to end here with the same data, steps and r.
+# Paper Table 6 at the demo's scale, one sweep: the demo's DTEM fit (`make demo`) tested once with ToMe off the shelf,
+# the training-free PiToMe, ToFu and ATM (their defaults, nothing tuned) and, as test checkpoints, ToMe and ToMeSoft
+# (keys + soft merging) trained end to end here with the same data, steps and r, each with its own weights; every row
+# is paired with ToMe at the same r on the same test images.
 TABLE6_RUN := runs/table6
+TABLE6_FITS := tome_e2e tome_soft_e2e
 TABLE6_BASE := -c configs/cifar10_dtem_modular.yaml --data.init_args.root=$(CIFAR10) \
 	--model.init_args.checkpoint_path=$(SMALL_WEIGHTS) --trainer.accelerator=$(ACCELERATOR)
+TABLE6_CHECKPOINTS := {"tome_e2e": "$(TABLE6_RUN)/tome_e2e/checkpoints/last.ckpt", \
+	"tome_soft_e2e": "$(TABLE6_RUN)/tome_soft_e2e/checkpoints/last.ckpt"}
+TABLE6_POLICIES := --model.init_args.test_policies+=PiToMe --model.init_args.test_policies+=ToFu \
+	--model.init_args.test_policies+=ATM
 .PHONY: table6
-# $(call table6_row,OVERLAY): fit the end-to-end overlay, then sweep it.
-define table6_row
-	rm -rf $(TABLE6_RUN)/$(1) $(TABLE6_RUN)/$(1)_test
+# $(call table6_fit,OVERLAY): fit the end-to-end overlay (its rows come from the one sweep of `table6`).
+define table6_fit
+	rm -rf $(TABLE6_RUN)/$(1)
 	$(DTEM) fit $(TABLE6_BASE) -c configs/table6/$(1).yaml --trainer.logger.init_args.version=$(1)
-	$(DTEM) test $(TABLE6_BASE) -c configs/table6/$(1).yaml --trainer.logger.init_args.version=$(1)_test \
-		--ckpt_path=$(TABLE6_RUN)/$(1)/checkpoints/last.ckpt
 
 endef
 
-table6: data-cifar10 ## Table 6 ablation (demo scale): ToMe, ToMe e2e, ToMeSoft e2e, DTEM modular (needs results/demo; ~10 min)
-	$(foreach v,tome_e2e tome_soft_e2e,$(call table6_row,$(v)))
-	$(PY) experiments/collect.py demo=$(DEMO_RESULTS)/sweep.csv tome_e2e=$(TABLE6_RUN)/tome_e2e_test/sweep.csv \
-		tome_soft_e2e=$(TABLE6_RUN)/tome_soft_e2e_test/sweep.csv --out results/table6
+table6: data-cifar10 ## Table 6 ablation (demo scale), one sweep: ToMe, ToMe e2e, ToMeSoft e2e, DTEM, PiToMe, ToFu, ATM (needs demo; ~25 min)
+	$(foreach v,$(TABLE6_FITS),$(call table6_fit,$(v)))
+	rm -rf $(TABLE6_RUN)/test
+	$(DTEM) test $(TABLE6_BASE) --ckpt_path=$(DEMO_RUN)/fit/checkpoints/last.ckpt $(COMPARE) $(TABLE6_POLICIES) \
+		'--model.init_args.test_checkpoints=$(TABLE6_CHECKPOINTS)' --model.init_args.interval_reference=ToMe \
+		--trainer.logger.init_args.name=table6 --trainer.logger.init_args.version=test
+	$(PY) experiments/collect.py table6=$(TABLE6_RUN)/test/sweep.csv --out results/table6
 
 # Paper Table 7 on the demo's CIFAR-10 embedding and the CamVid seed-COMPARE_SEED embedding (both fits must exist).
 .PHONY: table7

@@ -223,7 +223,7 @@ def tradeoff_series(
             continue
         name = label(row)
         curves.setdefault(name, []).append((float(row["gflops"]), float(row[metric]), row["r"]))
-        if row["policy"] == "NoMerge":
+        if str(row["policy"]).partition(" [")[0] == "NoMerge":  # a test checkpoint's too: NoMerge [name]
             baselines[name] = float(row[metric])
         if row.get(d) not in (None, ""):
             differences.setdefault(name, []).append(

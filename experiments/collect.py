@@ -23,6 +23,11 @@ LABEL_NOTE = (
     "freshly initialised (the control); NoMerge: no merging, the row of every policy at r = 0."
 )
 
+CHECKPOINT_NOTE = (
+    "X [name]: the policy and weights of the run's test checkpoint name (its sweep.md gives the file), evaluated in "
+    "the same test pass with hard merging; NoMerge [name]: that checkpoint's weights without merging."
+)
+
 # Published numbers (docs/design.md §13), accuracies as fractions like the sweeps. r is empty where the paper
 # states no r; GFLOPs are the papers' (bias-free) figures, within 0.5 % of our convention.
 PUBLISHED: dict[str, list[dict[str, object]]] = {
@@ -166,6 +171,8 @@ def markdown(rows: list[dict[str, object]], cols: list[str]) -> str:
     policies = {str(r.get("policy", "")) for r in rows}
     if any("(trained" in p or "(untrained" in p for p in policies):
         lines += ["", LABEL_NOTE]
+    if any(p.endswith("]") and " [" in p for p in policies):
+        lines += ["", CHECKPOINT_NOTE]
     return "\n".join(lines)
 
 

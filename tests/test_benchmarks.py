@@ -99,6 +99,26 @@ def test_demo_sequence(parsed):
     assert any("prepare_cifar10.py" in w for c in cmds for w in c)
 
 
+def test_table6_is_one_sweep_of_the_demo_fit_with_the_e2e_fits_as_test_checkpoints(parsed, capsys):
+    import json
+
+    fits, (test,) = dtem_commands(parsed["table6"])[:-1], dtem_commands(parsed["table6"])[-1:]
+    versions = [
+        w.split("=", 1)[1] for c in fits for w in c if w.startswith("--trainer.logger.init_args.version=")
+    ]
+    assert [c[0] for c in fits] == ["fit", "fit"] and versions == ["tome_e2e", "tome_soft_e2e"]
+    assert test[0] == "test" and "--ckpt_path=runs/demo/fit/checkpoints/last.ckpt" in test
+    (arg,) = [w for w in test if w.startswith("--model.init_args.test_checkpoints=")]
+    named = json.loads(arg.split("=", 1)[1])
+    assert named == {v: f"runs/table6/{v}/checkpoints/last.ckpt" for v in versions}
+    rows = {w.split("+=")[1] for w in test if w.startswith("--model.init_args.test_policies+=")}
+    assert rows == {"NoMerge", "ToMe", "DTEMHard", "PiToMe", "ToFu", "ATM"}
+    assert "--model.init_args.interval_reference=ToMe" in test
+    assert "tome_soft_e2e: runs/table6/tome_soft_e2e/checkpoints/last.ckpt" in print_config(test, capsys)
+    collect_cmd = parsed["table6"][-1]
+    assert collect_cmd[-3:] == ["table6=runs/table6/test/sweep.csv", "--out", "results/table6"]
+
+
 def test_replicate_seg_sequence(parsed):
     stages = [c[0] for c in dtem_commands(parsed["replicate-seg"])]
     assert stages == ["fit", "test"] * 3  # three training seeds, one test sweep each

@@ -27,7 +27,7 @@ from dtem_lightning.optim import CosineLR
 from dtem_lightning.policy import MergePolicy, NoMerge
 from dtem_lightning.tasks.intervals import IntervalMixin
 from dtem_lightning.tasks.predict import PredictMixin
-from dtem_lightning.tasks.sweep import SweepMixin
+from dtem_lightning.tasks.sweep import SweepMixin, check_same_tensors
 
 TrainMode = Literal["policy", "policy+head", "all"]
 TRAIN_MODES: tuple[str, ...] = get_args(TrainMode)
@@ -68,6 +68,14 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
             policy or an earlier entry (same class, same init arguments but r, same row label) would write the
             same rows twice: it is dropped with a warning. A DTEMHard control next to a DTEM policy is kept:
             it is the untrained control.
+        test_checkpoints: name -> path of a ``dtem fit`` checkpoint (.ckpt) of the same task and backbone
+            architecture (e.g. an end-to-end fit), read with ``weights_only=True``. Each adds rows to the same
+            sweep: its own policy (rebuilt from the checkpoint's saved ``policy``) at every ``test_r``, and its
+            own NoMerge row when the sweep has one, all evaluated with the checkpoint's weights (every tensor of
+            its state_dict) on the same test samples, labelled with the name (``ToMeSoft [tome_soft_e2e]``), so
+            ``interval_reference`` pairs them with this model's rows. Names: letters, digits, ``_ . + -``. Only
+            ``dtem test`` evaluates them (fit and validate ignore them); a file of another architecture (or
+            caption vocabulary) is refused at test start, naming the first differing tensor.
         trust_checkpoint: allow a ``checkpoint_path`` file that needs arbitrary pickled code to load (only
             for files you trust); by default such a file is refused. Set it on the command line or in a config:
             the ``dtem`` CLI never takes it from a checkpoint's hyper-parameters.
@@ -96,6 +104,7 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
         # int | str | list in this order: jsonargparse then appends "8,4" (test_r+=8,4) as a string
         test_r: list[int | str | list] | None = None,
         test_policies: list[MergePolicy] | None = None,
+        test_checkpoints: dict[str, str] | None = None,
         trust_checkpoint: bool = False,
         interval_reference: str | None = "ToMe",
         bootstrap: int = 1000,
@@ -139,6 +148,7 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
             encoder.add_policies([NoMerge()])  # the r = 0 row (see sweep)
         if self.traces_sources:
             encoder.trace_sources()
+        self.add_test_checkpoints(test_checkpoints)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
         self.sweep_results: list[dict[str, Any]] = []
@@ -245,6 +255,7 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
     def on_test_start(self) -> None:
         self.check_new_head("test")
         self.check_finite_weights()
+        self.prepare_test_checkpoints()
 
     def on_predict_start(self) -> None:
         self.check_new_head("predict")
@@ -377,23 +388,8 @@ class BaseTask(SweepMixin, IntervalMixin, PredictMixin, L.LightningModule):
             )
         ckpt = {**ckpt, "state_dict": dict(ckpt["state_dict"])}  # on_load_checkpoint edits it in place
         self.on_load_checkpoint(ckpt)
-        state, own = ckpt["state_dict"], self.state_dict()
-        for k, v in own.items():
-            if k not in state:
-                raise ValueError(
-                    f"init_from {path} does not match the model: it lacks {k} (shape {list(v.shape)} in the model)"
-                )
-            if tuple(state[k].shape) != tuple(v.shape):
-                raise ValueError(
-                    f"init_from {path} does not match the model: {k} has shape {list(state[k].shape)} in the "
-                    f"file, {list(v.shape)} in the model"
-                )
-        extra = next((k for k in state if k not in own), None)
-        if extra is not None:
-            raise ValueError(
-                f"init_from {path} does not match the model: it has {extra} (shape "
-                f"{list(state[extra].shape)}), which the model lacks"
-            )
+        state = ckpt["state_dict"]
+        check_same_tensors(self.state_dict(), state, f"init_from {path}")
         self.load_state_dict(state)
         self._init_from_loaded = True
 

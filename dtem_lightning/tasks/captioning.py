@@ -123,6 +123,15 @@ class CaptioningTask(BaseTask):
         if self.vocab is not None:
             checkpoint["vocab"] = self.vocab.state_dict()
 
+    def check_test_checkpoint(self, checkpoint: dict[str, Any], what: str) -> None:
+        """A test checkpoint's decoder is read with this task's vocabulary: refuse one trained with another."""
+        theirs = checkpoint.get("vocab")
+        if theirs is not None and self.vocab is not None and Vocabulary.from_state_dict(theirs) != self.vocab:
+            raise ValueError(
+                f"{what} was trained with another vocabulary ({len(theirs['itos'])} words, {len(self.vocab)} "
+                "here): its captions would be decoded with the wrong words"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "vocab" in checkpoint:
             self.set_vocab(Vocabulary.from_state_dict(checkpoint["vocab"]))

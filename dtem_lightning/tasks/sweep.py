@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import lightning as L
+import torch
 from torch import Tensor
 
+from dtem_lightning import policy as policy_module
 from dtem_lightning.encoder import parse_r, r_key, r_label
+from dtem_lightning.io import load_weights_only, untrusted_class_paths
 from dtem_lightning.policy import MergePolicy, NoMerge
+
+# state_dict prefixes of the policies; every other tensor is the model's (backbone, head, decoder).
+POLICY_KEYS = ("policy.", "test_policies.")
+# A test checkpoint's name goes into row labels, sweep.csv and sweep.md: no brackets, commas, quotes, pipes, spaces.
+CHECKPOINT_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 def policy_label(policy: MergePolicy, trained: bool) -> str:
@@ -85,6 +96,105 @@ def policy_config(policy: MergePolicy) -> tuple[type, tuple[tuple[str, Any], ...
     return None if any(v is missing for _, v in args) else (type(policy), args)
 
 
+def policy_from_config(config: Any, where: str) -> MergePolicy:
+    """The policy a saved ``policy`` hyper-parameter describes: ``{"class_path": ..., "init_args": {...}}`` as
+    the ``dtem`` CLI saves it (a short name such as ``ToMe`` or a full class path), or None for NoMerge.
+
+    The class is imported only from this package, torch, timm or Lightning (``where`` names the value in errors).
+    """
+    if config is None:
+        return NoMerge()
+    if isinstance(config, str):
+        config = {"class_path": config}
+    if not isinstance(config, dict) or not isinstance(config.get("class_path"), str):
+        raise ValueError(f"{where} is not a policy class path with init_args: {config!r}")
+    path, init = config["class_path"], dict(config.get("init_args") or {})
+    if untrusted_class_paths(path):
+        raise ValueError(
+            f"{where} names {path!r}, outside dtem_lightning, torch, timm and lightning: refused"
+        )
+    module, _, name = path.rpartition(".")
+    cls = getattr(importlib.import_module(module) if module else policy_module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MergePolicy)):
+        raise ValueError(f"{where} names {path!r}, which is not a merge policy class")
+    try:
+        return cls(**init)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {type(e).__name__}: {e}") from e
+
+
+@dataclass
+class CheckpointRows:
+    """The rows of one ``test_checkpoints`` entry: its policies evaluated with its weights.
+
+    Attributes:
+        name: the entry's name, appended to its row labels (``ToMeSoft [name]``).
+        path: the ``dtem fit`` checkpoint.
+        policies: its own policy (rebuilt from its hyper-parameters), then a NoMerge of its own when the sweep has
+            a NoMerge row; plain attributes, never in the task's state_dict (its checkpoints stay loadable).
+        checkpoint: the checkpoint as loaded (tensors memory-mapped on the CPU).
+        weights: its tensors other than the policies', on the model's device and in its dtype, by state_dict key
+            (set at test start, once checked against the model; None before).
+    """
+
+    name: str
+    path: str
+    policies: list[MergePolicy]
+    checkpoint: dict[str, Any]
+    weights: dict[str, Tensor] | None = None
+
+
+def load_checkpoint_rows(name: str, path: str, no_merge: bool) -> CheckpointRows:
+    """Read the ``dtem fit`` checkpoint ``path`` (weights only, memory-mapped) and rebuild its policy from its
+    saved hyper-parameters; with ``no_merge`` a NoMerge row of its own follows. Nothing is bound or checked
+    against a model yet.
+
+    Raises:
+        ValueError: a bad ``name``, a file that is not a ``dtem fit`` checkpoint or has no saved policy.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    where = f"test_checkpoints[{name!r}]"
+    if not isinstance(name, str) or not CHECKPOINT_NAME.fullmatch(name):
+        raise ValueError(
+            f"test_checkpoints name {name!r} must be non-empty letters, digits, '_', '.', '+' or '-' (it goes "
+            "into row labels and sweep.csv)"
+        )
+    ckpt = load_weights_only(path, where, mmap=True)
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{where} {path} holds no task state_dict: pass a `dtem fit` checkpoint (.ckpt)")
+    if not isinstance(hparams, dict) or "policy" not in hparams:
+        raise ValueError(
+            f"{where} {path} has no saved policy (hyper_parameters['policy']): pass a checkpoint written by "
+            "`dtem fit`, which saves its policy's class and arguments"
+        )
+    policies = [policy_from_config(hparams["policy"], f"{where} policy of {path}")]
+    if no_merge and not isinstance(policies[0], NoMerge):
+        policies.append(NoMerge())  # an end-to-end-trained backbone has its own r = 0 row
+    return CheckpointRows(name, str(path), policies, ckpt)
+
+
+def check_same_tensors(own: dict[str, Tensor], theirs: dict[str, Tensor], what: str) -> None:
+    """Refuse ``theirs`` unless it has exactly ``own``'s keys with the same shapes; one line names ``what``, the
+    first differing key and both shapes."""
+    for k, v in own.items():
+        if k not in theirs:
+            raise ValueError(
+                f"{what} does not match the model: it lacks {k} (shape {list(v.shape)} in the model)"
+            )
+        if tuple(theirs[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{what} does not match the model: {k} has shape {list(theirs[k].shape)} in the file, "
+                f"{list(v.shape)} in the model"
+            )
+    extra = next((k for k in theirs if k not in own), None)
+    if extra is not None:
+        raise ValueError(
+            f"{what} does not match the model: it has {extra} (shape {list(theirs[extra].shape)}), which the "
+            "model lacks"
+        )
+
+
 Rate = TypeVar("Rate")
 
 
@@ -108,6 +218,8 @@ class SweepMixin:
     (:meth:`sweep_key`); ``on_test_epoch_end`` leaves one dict per row in ``sweep_results`` and a
     ``sweep_note`` for ``sweep.md`` (written by :class:`~dtem_lightning.callbacks.SweepWriter`).
     """
+
+    _checkpoint_rows: Sequence[CheckpointRows] = ()  # test_checkpoints (add_test_checkpoints)
 
     def _check_r(self, r: int | list[int] | str) -> int | list[int]:
         """One ``test_r`` entry parsed and checked against the backbone's depth (errors name the entry)."""
@@ -140,11 +252,93 @@ class SweepMixin:
     def policies(self) -> list[tuple[str, MergePolicy]]:
         """(label, policy) pairs evaluated by the test loop: the task's own policy first, "(trained)" when a
         checkpoint (``ckpt_path``, ``init_from``) or a fit trained its parameters, test policies with parameters
-        "(untrained)" (controls); repeated labels are told apart (:func:`distinct_labels`)."""
+        "(untrained)" (controls); repeated labels are told apart (:func:`distinct_labels`). Then the rows of each
+        test checkpoint, labelled with its name (``ToMeSoft [tome_soft_e2e]``, ``NoMerge [tome_soft_e2e]``)."""
         policies = [self.policy, *self.test_policies]
         labels = [policy_label(self.policy, trained=self._policy_trained)]
         labels += [policy_label(p, trained=False) for p in self.test_policies]
-        return list(zip(distinct_labels(labels, policies), policies))
+        out = list(zip(distinct_labels(labels, policies), policies))
+        for rows in self._checkpoint_rows:
+            out += [(f"{policy_label(p, trained=True)} [{rows.name}]", p) for p in rows.policies]
+        return out
+
+    # ------------------------------------------------------------------ test checkpoints (their own weights)
+    def add_test_checkpoints(self, test_checkpoints: dict[str, str] | None) -> None:
+        """Rows of ``test_checkpoints`` (name -> ``dtem fit`` checkpoint): each one's policy, rebuilt from its
+        hyper-parameters and bound to the backbone, and its own NoMerge when the sweep has a NoMerge row. Their
+        weights are checked and moved at test start (:meth:`prepare_test_checkpoints`)."""
+        self._checkpoint_rows = []  # a plain list: its policies are never in this task's state_dict
+        no_merge = any(isinstance(p, NoMerge) for p in self.encoder.all_policies())
+        info = self.encoder.backend.describe(self.encoder.backbone)
+        for name, path in (test_checkpoints or {}).items():
+            rows = load_checkpoint_rows(name, path, no_merge)
+            # Binding draws the policy's initial parameters, replaced by the checkpoint's: the task's own random
+            # stream stays as it would be without test checkpoints.
+            with torch.random.fork_rng(devices=[]):
+                for p in rows.policies:
+                    p.bind(info)
+                    p.trace_source = p.trace_source or self.traces_sources
+            self._checkpoint_rows.append(rows)
+
+    def prepare_test_checkpoints(self) -> None:
+        """At test start: check each test checkpoint against the model (every tensor but the policies', same
+        names and shapes; :meth:`check_test_checkpoint`), load its policy's weights, and put its weights and
+        policies where the model is."""
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(POLICY_KEYS)}
+        info = self.encoder.backend.describe(self.encoder.backbone)
+        for rows in self._checkpoint_rows:
+            what = f"test_checkpoints[{rows.name!r}] {rows.path}"
+            stored = rows.checkpoint["state_dict"]
+            theirs = {k: v for k, v in stored.items() if not k.startswith(POLICY_KEYS)}
+            check_same_tensors(own, theirs, what)
+            self.check_test_checkpoint(rows.checkpoint, what)
+            bad = next(
+                (k for k, v in theirs.items() if v.is_floating_point() and not torch.isfinite(v).all()), None
+            )
+            if bad is not None:
+                raise FloatingPointError(f"{what}: {bad} holds non-finite values: refusing to evaluate it")
+            policy_state = {k[len("policy.") :]: v for k, v in stored.items() if k.startswith("policy.")}
+            try:
+                rows.policies[0].load_state_dict(policy_state)
+            except RuntimeError as e:
+                first = str(e).strip().splitlines()[-1].strip()
+                raise ValueError(f"{what}: its policy's weights do not fit its saved policy ({first})") from e
+            for p in rows.policies:
+                p.to(device=info.device, dtype=info.dtype)
+            rows.weights = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in theirs.items()}
+
+    def check_test_checkpoint(self, checkpoint: dict[str, Any], what: str) -> None:
+        """Refuse a test checkpoint whose rows this task cannot evaluate although its tensors match (subclasses:
+        e.g. another caption vocabulary of the same size); ``what`` names it in the error."""
+
+    def _checkpoint_of(self, policy: MergePolicy) -> CheckpointRows | None:
+        """The test checkpoint whose rows ``policy`` runs, if any."""
+        return next((c for c in self._checkpoint_rows if any(p is policy for p in c.policies)), None)
+
+    @contextmanager
+    def _weights_of(self, rows: CheckpointRows | None) -> Iterator[None]:
+        """Evaluate with the test checkpoint's weights in place of the task's own (every tensor but the
+        policies', swapped through ``.data``); the own weights are back on exit, also after an error."""
+        if rows is None:
+            yield
+            return
+        if rows.weights is None:
+            raise RuntimeError(
+                f"test_checkpoints[{rows.name!r}] is evaluated in `dtem test` only (its weights are checked and "
+                "loaded at test start)"
+            )
+        targets = {
+            id(t): (k, t) for k, t in self.state_dict(keep_vars=True).items() if not k.startswith(POLICY_KEYS)
+        }  # by tensor: a tied weight is swapped once
+        swapped: list[tuple[Tensor, Tensor]] = []
+        try:
+            for k, t in targets.values():
+                swapped.append((t, t.data))
+                t.data = rows.weights[k]
+            yield
+        finally:
+            for t, own in reversed(swapped):
+                t.data = own
 
     def sweep(self) -> list[tuple[int, str, MergePolicy, int | list[int]]]:
         """(index, label, policy, r) of every test-loop evaluation (r: constant or schedule).
@@ -270,11 +464,17 @@ class SweepMixin:
         self._test_stats, self._test_index = {}, []  # free the per-sample statistics
 
     def label_note(self) -> str:
-        """What the learnable rows of the sweep are ("" when it has none)."""
-        labels = [label for label, p in self.policies() if any(True for _ in p.parameters())]
+        """What the learnable rows and the test checkpoints' rows of the sweep are ("" when it has none)."""
         lines = []
-        for label in labels:
-            if "(trained" in label:
+        for label, p in self.policies():
+            rows = self._checkpoint_of(p)
+            if rows is not None:
+                how = "without merging" if isinstance(p, NoMerge) else "evaluated with hard merging"
+                what = "weights" if isinstance(p, NoMerge) else "policy and weights"
+                lines.append(f"{label}: the {what} of checkpoint {rows.path}, {how}.")
+            elif not any(True for _ in p.parameters()):
+                continue
+            elif "(trained" in label:
                 lines.append(f"{label}: the learned policy of this run, evaluated with hard merging.")
             else:
                 lines.append(
@@ -287,6 +487,7 @@ class SweepMixin:
 
     @contextmanager
     def running(self, policy: MergePolicy, r: int | list[int]) -> Iterator[None]:
-        """Run the backbone with ``policy`` at reduction ``r`` (constant or schedule); own policy back afterwards."""
-        with self.encoder.running(policy, r):
+        """Run the backbone with ``policy`` at reduction ``r`` (constant or schedule), and with its test
+        checkpoint's weights when it is one of its rows; own policy and weights back afterwards."""
+        with self.encoder.running(policy, r), self._weights_of(self._checkpoint_of(policy)):
             yield
