@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="a 2-block ViT on 32x32 inputs (tests the script)")
+    p.add_argument("--no-memory", action="store_true", help="times only (repeat runs for ranges)")
     p.add_argument(
         "--child", help=argparse.SUPPRESS
     )  # internal: measure one configuration's memory, print JSON
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> None:
                 if rnd >= args.warmup:
                     times[name].append(dt)
         del built
-        if args.device.startswith("cuda"):
+        if args.no_memory:
+            mem = {name: {"peak": float("nan"), "step": float("nan")} for name in args.configs}
+        elif args.device.startswith("cuda"):
             mem = {name: peak_memory(args, name, batch) for name in args.configs}
         else:
             mem = {name: memory_in_child(args, name, batch) for name in args.configs}
