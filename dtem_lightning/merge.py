@@ -7,6 +7,7 @@ N0 tokens at the start of the network. Sizes ``s`` count how many input patches 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -252,6 +253,50 @@ def soft_grouping(
         logits = logits + torch.log((1 - p.sum(-1, keepdim=True)).clamp_min(eps))
     total = total / total.sum(-1, keepdim=True).clamp_min(1).detach()
     return sim.new_zeros(B, Na, Nb).scatter(2, cand, total)
+
+
+class _BiasedAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + bias) v whose backward recomputes the attention matrix instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+        # inside a Function nothing is tracked: the fused kernel runs, mask and all
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, bias, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
+        q, k, v, bias, out = ctx.saved_tensors
+        s = ctx.scale
+        p = torch.softmax((q @ k.transpose(-2, -1)) * s + bias, dim=-1)  # [B, H, N, N], freed on return
+        grad_v = p.transpose(-2, -1) @ grad_out
+        # d logits = p * (dP - rowsum(dO * O)), the softmax backward with the output's own row sums
+        grad_logits = p * (grad_out @ v.transpose(-2, -1) - (grad_out * out).sum(-1, keepdim=True))
+        grad_q = (grad_logits @ k) * s
+        grad_k = (grad_logits.transpose(-2, -1) @ q) * s
+        return grad_q, grad_k, grad_v, grad_logits.sum_to_size(bias.shape), None
+
+
+def biased_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """Attention with an additive bias that receives a gradient (proportional attention in soft training), keeping
+    no [B, H, N, N] matrix for the backward pass.
+
+    Fused attention kernels give no gradient for their mask, so autograd would run the unfused path and keep every
+    block's attention matrix; here the forward is fused and the backward recomputes the matrix one block at a time
+    (one more q kᵀ product per block, as flash attention's backward does).
+
+    Args:
+        q, k, v: [B, H, N, D].
+        bias: float, broadcastable to [B, H, N, N] (e.g. [B, 1, 1, N] log sizes), in q's dtype.
+        scale: the logits' scale (1 / sqrt(D) in a ViT).
+
+    Returns:
+        [B, H, N, D]; equal to ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)``, and so are
+        the gradients (to rounding).
+    """
+    return _BiasedAttention.apply(q, k, v, bias, scale)
 
 
 def clamp01_st(v: Tensor) -> Tensor:

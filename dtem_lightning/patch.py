@@ -11,6 +11,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from dtem_lightning import merge as M
 from dtem_lightning.policy import MergePolicy, ModelInfo
 
 _POOLS = ("token", "avg", "")
@@ -46,11 +47,47 @@ class MergeBlock(Block):
         if bias is not None and bias.dtype.is_floating_point and bias.dtype != x.dtype:
             bias = bias.to(x.dtype)  # SDPA wants the mask in the query's dtype
         u = self.norm1(x)
-        x = x + self.drop_path1(self.ls1(self.attn(u, attn_mask=bias)))
+        if (
+            self.training
+            and RECOMPUTE_ATTENTION
+            and bias is not None
+            and bias.requires_grad
+            and _plain_attention(self.attn, u)
+        ):
+            a = _attention_recomputed(self.attn, u, bias)  # soft training: no attention matrix kept per block
+        else:
+            a = self.attn(u, attn_mask=bias)
+        x = x + self.drop_path1(self.ls1(a))
         # Popped, not read: the keys must not outlive the block (memory) nor reach another forward.
         x = policy.step(layer, x, u, self.attn.k_norm.__dict__.pop("_merge_keys", None))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
+
+
+# Soft training's attention bias (log sizes) needs a gradient, which fused attention does not give: autograd would
+# keep every block's [B, H, N, N] attention matrix. Off: timm's own attention (the equivalence test flips it).
+RECOMPUTE_ATTENTION = True
+
+
+def _plain_attention(attn: nn.Module, u: Tensor) -> bool:
+    """timm's Attention without a gate, attention dropout or autocast: what :func:`_attention_recomputed`
+    reproduces."""
+    return (
+        getattr(attn, "gate", None) is None
+        and not (attn.training and attn.attn_drop.p > 0)
+        and not torch.is_autocast_enabled(u.device.type)
+    )
+
+
+def _attention_recomputed(attn: nn.Module, u: Tensor, bias: Tensor) -> Tensor:
+    """timm ``Attention.forward`` (timm 1.0.31) with :func:`~dtem_lightning.merge.biased_attention` for the
+    attention itself."""
+    B, N, _ = u.shape
+    q, k, v = attn.qkv(u).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)  # k_norm's hook keeps the keys for the merge step
+    x = M.biased_attention(q, k, v, bias.to(q.dtype), attn.scale)
+    x = attn.norm(x.transpose(1, 2).reshape(B, N, attn.attn_dim))
+    return attn.proj_drop(attn.proj(x))
 
 
 class MergeVisionTransformer(VisionTransformer):
