@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             for blk in model.blocks:
                 blk.attn.fused_attn = not args.eager
             merge_clock = [0.0]
-            if (
-                not compiled
-            ):  # time spent on the metric (embedding GEMM / key average) and the matching + merge
+            # time spent on the metric (embedding GEMM / key average) and the matching + merge; eager only
+            if not compiled:
                 policy.merge = timed(policy.merge, merge_clock, args.device)
                 policy.metric = timed(policy.metric, merge_clock, args.device)
             fn = torch.compile(model, backend=args.compile_backend) if compiled else model

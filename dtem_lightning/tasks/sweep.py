@@ -133,15 +133,16 @@ class CheckpointRows:
         policies: its own policy (rebuilt from its hyper-parameters), then a NoMerge of its own when the sweep has
             a NoMerge row; plain attributes, never in the task's state_dict (its checkpoints stay loadable).
         checkpoint: the checkpoint as loaded (tensors memory-mapped on the CPU).
-        weights: its tensors other than the policies', on the model's device and in its dtype, by state_dict key
-            (set at test start, once checked against the model; None before).
+        weights: (the model's tensor, its tensor) for every tensor but the policies', one pair per distinct model
+            tensor (a tied weight once), its tensors on the model's device and in its dtype (set at test start, once
+            checked against the model; None before).
     """
 
     name: str
     path: str
     policies: list[MergePolicy]
     checkpoint: dict[str, Any]
-    weights: dict[str, Tensor] | None = None
+    weights: list[tuple[Tensor, Tensor]] | None = None
 
 
 def load_checkpoint_rows(name: str, path: str, no_merge: bool) -> CheckpointRows:
@@ -284,7 +285,8 @@ class SweepMixin:
         """At test start: check each test checkpoint against the model (every tensor but the policies', same
         names and shapes; :meth:`check_test_checkpoint`), load its policy's weights, and put its weights and
         policies where the model is."""
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith(POLICY_KEYS)}
+        own = {k: v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith(POLICY_KEYS)}
+        targets = {id(t): (k, t) for k, t in own.items()}.values()  # a tied weight once
         info = self.encoder.backend.describe(self.encoder.backbone)
         for rows in self._checkpoint_rows:
             what = f"test_checkpoints[{rows.name!r}] {rows.path}"
@@ -305,7 +307,8 @@ class SweepMixin:
                 raise ValueError(f"{what}: its policy's weights do not fit its saved policy ({first})") from e
             for p in rows.policies:
                 p.to(device=info.device, dtype=info.dtype)
-            rows.weights = {k: v.to(device=own[k].device, dtype=own[k].dtype) for k, v in theirs.items()}
+            # paired once here, not per batch: the rows swap them in every test step
+            rows.weights = [(t, theirs[k].to(device=t.device, dtype=t.dtype)) for k, t in targets]
 
     def check_test_checkpoint(self, checkpoint: dict[str, Any], what: str) -> None:
         """Refuse a test checkpoint whose rows this task cannot evaluate although its tensors match (subclasses:
@@ -327,14 +330,11 @@ class SweepMixin:
                 f"test_checkpoints[{rows.name!r}] is evaluated in `dtem test` only (its weights are checked and "
                 "loaded at test start)"
             )
-        targets = {
-            id(t): (k, t) for k, t in self.state_dict(keep_vars=True).items() if not k.startswith(POLICY_KEYS)
-        }  # by tensor: a tied weight is swapped once
         swapped: list[tuple[Tensor, Tensor]] = []
         try:
-            for k, t in targets.values():
+            for t, theirs in rows.weights:
                 swapped.append((t, t.data))
-                t.data = rows.weights[k]
+                t.data = theirs
             yield
         finally:
             for t, own in reversed(swapped):
