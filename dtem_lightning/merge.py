@@ -162,6 +162,23 @@ def _tome_choice(
         return order[:, :r], order[:, r:].sort(dim=-1).values, best_dst.gather(1, order[:, :r])
 
 
+def rows_of(idx: Tensor, n: int) -> Tensor:
+    """Rows of a flattened [B * n, C] tensor for the per-image positions ``idx`` [B, m] -> [B * m]."""
+    if idx.shape[0] == 1:  # batch 1: no offsets to add (each op counts at this size)
+        return idx.reshape(-1)
+    return (idx + torch.arange(0, idx.shape[0] * n, n, device=idx.device)[:, None]).reshape(-1)
+
+
+def take_rows(v: Tensor, idx: Tensor) -> Tensor:
+    """The rows ``idx`` [B, m] of v [B, N, D] -> [B, m, D].
+
+    One ``index_select`` on the flattened rows: on CPU, ``gather`` with an index expanded over D is about ten
+    times slower, which at batch 1 made the merge cost more than the FLOPs it saves.
+    """
+    B, N, D = v.shape
+    return v.reshape(B * N, D).index_select(0, rows_of(idx, N)).view(B, idx.shape[1], D)
+
+
 def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
     """ToMe's bipartite soft matching, on patch tokens only.
 
@@ -180,22 +197,33 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
         num_prefix: leading tokens that never merge.
 
     Returns:
-        ``merge(x, reduce="sum") -> [B, N - r, C']`` combining x [B, N, C'] with ``scatter_reduce`` (merging the
-        identity gives the source map that :func:`unmerge_tokens` copies merged tokens back with).
+        ``merge(x, reduce="sum") -> [B, N - r, C']`` combining x [B, N, C'] (merging the identity gives the
+        source map that :func:`unmerge_tokens` copies merged tokens back with). The merged sources are added to
+        their destination one at a time in score order, best first, as ToMe's ``scatter_reduce`` adds them, so
+        the sums are bit-identical to it.
     """
-    B = metric.shape[0]
-    off = hard_split_offset(num_prefix)
+    B, N, _ = metric.shape
+    P, off = num_prefix, hard_split_offset(num_prefix)
     merged_src, kept_src, merged_dst = _tome_choice(metric, r, num_prefix)
-    r, num_src = merged_src.shape[1], merged_src.shape[1] + kept_src.shape[1]
+    r, num_kept = merged_src.shape[1], kept_src.shape[1]
+    # Sequence positions of the output tokens (prefix, unmerged sources, destinations) and of the merged sources;
+    # the merged sources' destinations as output positions. Few ops: at batch 1 each one costs about as much as
+    # the arithmetic they do.
+    pos = torch.arange(N, device=metric.device)
+    src_pos, dst_pos = pos[P + 1 - off :: 2], pos[P + off :: 2]
+    out_pos = torch.cat([pos[:P].expand(B, P), src_pos[kept_src], dst_pos.expand(B, -1)], dim=1)
+    keep, moved = rows_of(out_pos, N), rows_of(src_pos[merged_src], N)
+    into = rows_of(merged_dst + (P + num_kept), N - r)
 
     def merge(x: Tensor, reduce: str = "sum") -> Tensor:
-        prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-        s, d = patches[:, 1 - off :: 2], patches[:, off::2]
         c = x.shape[-1]
-        kept = s.gather(1, kept_src[..., None].expand(B, num_src - r, c))
-        moved = s.gather(1, merged_src[..., None].expand(B, r, c))
-        d = d.scatter_reduce(1, merged_dst[..., None].expand(B, r, c), moved, reduce=reduce)
-        return torch.cat([prefix, kept, d], dim=1)
+        flat = x.reshape(B * N, c)
+        out, add = flat.index_select(0, keep), flat.index_select(0, moved)
+        if reduce == "sum":
+            out.index_add_(0, into, add)
+        else:
+            out = out.scatter_reduce(0, into[:, None].expand(-1, c), add, reduce=reduce)
+        return out.view(B, N - r, c)
 
     return merge
 
@@ -443,15 +471,14 @@ def energy_pairs(
 
 def _into_dst(v: Tensor, src: Tensor, dst: Tensor, reduce: str) -> Tensor:
     """v [B, Np, D] with the rows ``src`` [B, r] reduced into the rows ``dst`` [B, r] (sources left as they are)."""
-    d = v.shape[-1]
-    return v.scatter_reduce(
-        1, dst[..., None].expand(-1, -1, d), v.gather(1, src[..., None].expand(-1, -1, d)), reduce
-    )
-
-
-def _rows(v: Tensor, idx: Tensor) -> Tensor:
-    """The rows ``idx`` [B, n] of v [B, N, D]."""
-    return v.gather(1, idx[..., None].expand(-1, -1, v.shape[-1]))
+    B, N, D = v.shape
+    flat = v.reshape(B * N, D)
+    moved, into = take_rows(v, src).reshape(-1, D), rows_of(dst, N)
+    if (
+        reduce == "sum"
+    ):  # the same additions in the same order as scatter_reduce's, without its expanded index
+        return flat.index_add(0, into, moved).view(B, N, D)
+    return flat.scatter_reduce(0, into[:, None].expand(-1, D), moved, reduce).view(B, N, D)
 
 
 def merge_pairs(
@@ -483,12 +510,12 @@ def merge_pairs(
     if how == "mlerp":
         top = _into_dst(xp.norm(dim=-1, keepdim=True), src, dst, "amax")
         out = out * (top / out.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-    return torch.cat([x[:, :P], _rows(out, keep)], 1), torch.cat(
-        [size[:, :P], _rows(new_size, keep).to(size.dtype)], 1
+    return torch.cat([x[:, :P], take_rows(out, keep)], 1), torch.cat(
+        [size[:, :P], take_rows(new_size, keep).to(size.dtype)], 1
     )
 
 
 def merge_pair_sources(source: Tensor, src: Tensor, dst: Tensor, keep: Tensor, num_prefix: int) -> Tensor:
     """Carry a source map [B, N, N0] through :func:`merge_pairs` (rows of sources add to their destinations)."""
     P = num_prefix
-    return torch.cat([source[:, :P], _rows(_into_dst(source[:, P:], src, dst, "sum"), keep)], 1)
+    return torch.cat([source[:, :P], take_rows(_into_dst(source[:, P:], src, dst, "sum"), keep)], 1)

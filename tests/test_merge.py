@@ -50,6 +50,40 @@ def test_bipartite_matches_reference(num_prefix, n, r):
     torch.testing.assert_close(got_s, ref_s)
 
 
+def _scatter_merge(x, merged_src, kept_src, merged_dst, num_prefix, reduce):
+    """ToMe's own formulation of the merge: split, gather with expanded indices, ``scatter_reduce`` along tokens."""
+    off = M.hard_split_offset(num_prefix)
+    pre, pat = x[:, :num_prefix], x[:, num_prefix:]
+    s, d = pat[:, 1 - off :: 2], pat[:, off::2]
+    c = x.shape[-1]
+    kept = s.gather(1, kept_src[..., None].expand(-1, -1, c))
+    moved = s.gather(1, merged_src[..., None].expand(-1, -1, c))
+    d = d.scatter_reduce(1, merged_dst[..., None].expand(-1, -1, c), moved, reduce=reduce)
+    return torch.cat([pre, kept, d], dim=1)
+
+
+@pytest.mark.parametrize(
+    "batch,num_prefix,n,r", [(1, 1, 197, 16), (3, 1, 101, 40), (2, 0, 64, 30), (2, 2, 51, 20)]
+)
+def test_merge_is_bit_identical_to_scatter_reduce(batch, num_prefix, n, r):
+    # A 2-d metric makes many sources pick the same destination, so a different order of additions would show
+    # up in the last bits (float32): the row-index merge must add in ToMe's order exactly.
+    g = torch.Generator().manual_seed(n)
+    metric, x = torch.randn(batch, n, 2, generator=g), torch.randn(batch, n, 385, generator=g)
+    merge = M.bipartite_matching(metric, r, num_prefix)
+    choice = M._tome_choice(metric, r, num_prefix)
+    shared = (choice[2][:, :, None] == choice[2][:, None, :]).sum(-1)
+    assert shared.max() >= 2  # two sources share a destination
+    for reduce in ("sum", "mean", "amax"):
+        assert torch.equal(merge(x, reduce), _scatter_merge(x, *choice, num_prefix, reduce)), reduce
+    src, dst, keep = M.bipartite_pairs(metric, r, num_prefix)
+    pat = x[:, num_prefix:]
+    ref = pat.scatter_reduce(
+        1, dst[..., None].expand(-1, -1, 385), pat.gather(1, src[..., None].expand(-1, -1, 385)), "sum"
+    )
+    assert torch.equal(M._into_dst(pat, src, dst, "sum"), ref)
+
+
 def test_hard_split_offset_follows_sequence_parity():
     # destinations are the patches at odd sequence index: P = 1 -> patch 0 (index 1); P = 0, 2 -> patch 1
     assert [M.hard_split_offset(p) for p in range(6)] == [1, 0, 1, 0, 1, 0]
