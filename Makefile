@@ -45,8 +45,8 @@ gpu-check: $(VENV)/.installed ## On one CUDA GPU (~5 min): half-precision/compil
 # Every policy eager at r = 0/8/13/16; then torch.compile (inductor) against eager for NoMerge, ToMe and DTEM-hard at
 # r = 16 (a compile per model and r takes about a minute on 2 cores).
 bench-throughput: $(VENV)/.installed ## Images/s of DeiT-S, every policy, batch 32 and 1; compiled vs eager at r = 16
-	$(PY) experiments/throughput.py --batch 32
-	$(PY) experiments/throughput.py --batch 1
+	$(PY) experiments/throughput.py --batch 32 --bound
+	$(PY) experiments/throughput.py --batch 1 --bound
 	$(PY) experiments/throughput.py --batch 32 --compile --policies NoMerge ToMe DTEMHard --r 16
 	$(PY) experiments/throughput.py --batch 1 --compile --policies NoMerge ToMe DTEMHard --r 16
 

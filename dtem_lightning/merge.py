@@ -288,8 +288,10 @@ class _BiasedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
-        # inside a Function nothing is tracked: the fused kernel runs, mask and all
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        # Detached: SDPA takes its unfused path whenever an input requires grad, even with grad mode off.
+        out = F.scaled_dot_product_attention(
+            q.detach(), k.detach(), v.detach(), attn_mask=bias.detach(), scale=scale
+        )
         ctx.save_for_backward(q, k, v, bias, out)
         ctx.scale = scale
         return out
@@ -297,13 +299,15 @@ class _BiasedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, None]:
         q, k, v, bias, out = ctx.saved_tensors
-        s = ctx.scale
-        p = torch.softmax((q @ k.transpose(-2, -1)) * s + bias, dim=-1)  # [B, H, N, N], freed on return
+        qs = q * ctx.scale  # the scale on q [B, H, N, D], not on the [B, H, N, N] logits
+        # In place where a [B, H, N, N] tensor is updated: each pass over it costs as much as a small GEMM.
+        p = torch.softmax((qs @ k.transpose(-2, -1)).add_(bias), dim=-1)  # freed on return
         grad_v = p.transpose(-2, -1) @ grad_out
         # d logits = p * (dP - rowsum(dO * O)), the softmax backward with the output's own row sums
-        grad_logits = p * (grad_out @ v.transpose(-2, -1) - (grad_out * out).sum(-1, keepdim=True))
-        grad_q = (grad_logits @ k) * s
-        grad_k = (grad_logits.transpose(-2, -1) @ q) * s
+        grad_logits = (grad_out @ v.transpose(-2, -1)).sub_((grad_out * out).sum(-1, keepdim=True)).mul_(p)
+        del p
+        grad_q = (grad_logits @ k).mul_(ctx.scale)
+        grad_k = grad_logits.transpose(-2, -1) @ qs
         return grad_q, grad_k, grad_v, grad_logits.sum_to_size(bias.shape), None
 
 
@@ -355,22 +359,20 @@ def soft_merge(
     return new_x_dst, new_s_dst, new_s_src
 
 
-def soft_merge_sources(source: Tensor, weights: Tensor, src_idx: Tensor, dst_idx: Tensor) -> Tensor:
-    """Carry a source map through a soft merge: rows of destinations gain Wᵀ rows of sources.
+def soft_merge_sources(m_src: Tensor, m_dst: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Carry a source map through a soft merge: rows of destinations gain Wᵀ rows of sources, rows of sources
+    keep the share they did not give away.
 
     Args:
-        source: [B, N, N0] share of every input patch each token holds.
+        m_src: [B, Na, N0] the sources' rows of the map (share of every input patch each token holds).
+        m_dst: [B, Nb, N0] the destinations' rows.
         weights: [B, Na, Nb] soft merge weights.
-        src_idx: [Na] token positions of the sources; dst_idx: [Nb] positions of the destinations.
 
     Returns:
-        [B, N, N0] updated map (its row sums equal the new sizes).
+        new destination rows [B, Nb, N0] and source rows [B, Na, N0] (their row sums equal the new sizes).
     """
-    m_src, m_dst = source[:, src_idx], source[:, dst_idx]
-    out = source.clone()
-    out[:, dst_idx] = m_dst + weights.transpose(1, 2).to(source.dtype) @ m_src
-    out[:, src_idx] = m_src * (1 - weights.sum(-1, keepdim=True)).clamp(0, 1).to(source.dtype)
-    return out
+    new_dst = m_dst + weights.transpose(1, 2).to(m_src.dtype) @ m_src
+    return new_dst, m_src * (1 - weights.sum(-1, keepdim=True)).clamp(0, 1).to(m_src.dtype)
 
 
 def unmerge_tokens(x: Tensor, source: Tensor) -> Tensor:

@@ -265,10 +265,10 @@ class MergePolicy(nn.Module):
         head = torch.arange(P, device=x.device).expand(x.shape[0], P)
         tail = torch.arange(n, x.shape[1], device=x.device).expand(x.shape[0], -1)
         perm = torch.cat([head, order, tail], dim=1)  # [B, N]
-        st.size = size.gather(1, perm[..., None])
+        st.size = M.take_rows(size, perm)
         if st.source is not None:
-            st.source = st.source.gather(1, perm[..., None].expand_as(st.source))
-        return x.gather(1, perm[..., None].expand_as(x))
+            st.source = M.take_rows(st.source, perm)
+        return M.take_rows(x, perm)
 
     # ----------------------------------------------------------------- soft mode (k, tau1, tau2, soft_layout)
     def init_soft(self, k: int, tau1: float, tau2: float, soft_layout: str) -> None:
@@ -284,41 +284,52 @@ class MergePolicy(nn.Module):
 
     def _soft_merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
         st = self.state
-        src_idx, dst_idx = self.soft_split(st.active, x.device)
+        src, dst = self._soft_slices(st.active)
+        num_src, num_dst = len(range(st.active)[src]), len(range(st.active)[dst])
         # Soft grouping selects each source about once: r is capped by the sources, not by half the patches.
-        r = min(self.schedule[layer], len(src_idx)) if len(dst_idx) else 0
+        r = min(self.schedule[layer], num_src) if num_dst else 0
         if metric is None or r == 0:
             st.tokens.append(st.active)
             return x
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._soft_step(x, metric, r, src_idx, dst_idx)
+            return self._soft_step(x, metric, r, src, dst)
 
     def soft_split(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         """Sequence positions of the sources and destinations among the ``n`` active tokens (prefix included)."""
+        src, dst = self._soft_slices(n)
+        return torch.arange(n, device=device)[src], torch.arange(n, device=device)[dst]
+
+    def _soft_slices(self, n: int) -> tuple[slice, slice]:
+        """:meth:`soft_split` as slices of the sequence (views: no copies, and a cheap backward)."""
         P = self.num_prefix
         dst_off = 1 if self.soft_layout == "official" else M.hard_split_offset(P)
-        src = torch.arange(P + 1 - dst_off, n, 2, device=device)
-        return src, torch.arange(P + dst_off, n, 2, device=device)
+        return slice(P + 1 - dst_off, n, 2), slice(P + dst_off, n, 2)
 
-    def _soft_step(self, x: Tensor, metric: Tensor, r: int, src_idx: Tensor, dst_idx: Tensor) -> Tensor:
-        st, n = self.state, self.state.active
+    def _soft_step(self, x: Tensor, metric: Tensor, r: int, src: slice, dst: slice) -> Tensor:
+        st, n, P = self.state, self.state.active, self.num_prefix
         dtype, work = x.dtype, torch.promote_types(x.dtype, torch.float32)
         x, size = x.to(work), self.size(x).to(work)
         emb = M.normalize(metric.to(work))
-        w = M.soft_grouping(emb[:, src_idx], emb[:, dst_idx], r, self.k, self.tau1, self.tau2)
-        x_dst, s_dst, s_src = M.soft_merge(
-            x[:, src_idx], x[:, dst_idx], size[:, src_idx], size[:, dst_idx], w
-        )
-        x = x.index_copy(1, dst_idx, x_dst)
-        size = size.index_copy(1, dst_idx, s_dst).index_copy(1, src_idx, s_src)
+        w = M.soft_grouping(emb[:, src], emb[:, dst], r, self.k, self.tau1, self.tau2)
+        x_dst, s_dst, s_src = M.soft_merge(x[:, src], x[:, dst], size[:, src], size[:, dst], w)
+
+        # Tokens regrouped as [prefix, sources, destinations, inactive] (one copy), then re-sorted by size.
+        def regroup(t: Tensor, t_src: Tensor, t_dst: Tensor) -> Tensor:
+            return torch.cat([t[:, :P], t_src, t_dst, t[:, n:]], dim=1)
+
         if st.source is not None:
-            st.source = M.soft_merge_sources(st.source, w, src_idx, dst_idx)
+            m_dst, m_src = M.soft_merge_sources(st.source[:, src], st.source[:, dst], w)
+            st.source = regroup(st.source, m_src, m_dst)
+        st.size = regroup(size, s_src, s_dst)
+        x = regroup(x, x[:, src], x_dst)
         # Re-sort the active patch tokens by size (largest first): depleted sources drop out of the active set.
-        # The published step sorts [all sources; all destinations], so tied sizes keep sources first.
-        st.size = size
-        x = self._sort_by_size(
-            x, n, torch.cat([src_idx, dst_idx]) if self.soft_layout == "official" else None
-        )
+        # The published step sorts [all sources; all destinations] (the regrouped order), so tied sizes keep
+        # sources first; the consistent layout breaks ties in sequence order.
+        before = None
+        if self.soft_layout != "official":
+            seq = torch.arange(n, device=x.device)
+            before = P + torch.cat([seq[src], seq[dst]]).argsort()
+        x = self._sort_by_size(x, n, before)
         st.active = n - r
         st.tokens.append(st.active)
         return x.to(dtype)

@@ -1,13 +1,14 @@
 """Images/s of a timm ViT with every merging policy at several r, side by side in one run, eager and compiled.
 
 Usage: python experiments/throughput.py [--model deit_small_patch16_224] [--batch 32] [--r 0 8 13 16]
-       [--policies NoMerge ToMe DTEMHard PiToMe ToFu ATM] [--compile] [--tiny]
+       [--policies NoMerge ToMe DTEMHard PiToMe ToFu ATM] [--compile] [--bound] [--tiny]
 Random-init weights (speed does not depend on them); eval mode; warm-up discarded. Configurations are timed
 round-robin (one forward of each per round) so that a change in machine load hits all of them alike; the table
 reports the median over rounds and the share of time spent choosing and applying merges (eager only: timing the
 merge inside a compiled graph would break it). ``--compile`` adds a ``torch.compile``d twin of every policy whose
 shapes depend on r alone (ATM's token counts depend on the image, so it stays eager), compared with the compiled
-NoMerge. Tokens: what the last forward left (ATM: the image's own count, at most what r allows).
+NoMerge. ``--bound`` adds the speed-up of a merge that costs nothing (tokens dropped: the ceiling of every policy
+at that r). Tokens: what the last forward left (ATM: the image's own count, at most what r allows).
 """
 
 from __future__ import annotations
@@ -20,12 +21,27 @@ from collections.abc import Callable
 import timm
 import torch
 
-from dtem_lightning import apply_policy
+from dtem_lightning import apply_policy, merge
 from dtem_lightning import policy as policies
 from dtem_lightning.policy import MergePolicy, NoMerge
 
 POLICIES = ["NoMerge", "ToMe", "DTEMHard", "PiToMe", "ToFu", "ATM"]
 NOT_COMPILED = {"ATM"}  # data-dependent token counts: a recompile per count
+BOUND = "Drop (bound)"  # --bound: the row of a merge that costs nothing
+
+
+class DropTokens(MergePolicy):
+    """The speed-up a free merge would give: each block drops its r last tokens (ToMe's counts), with no metric,
+    matching, merging or attention bias. Not a policy (it throws information away); the ceiling of the others."""
+
+    def step(
+        self, layer: int, x: torch.Tensor, u: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x[:, : x.shape[1] - merge.capped_r(self.schedule[layer], x.shape[1] - self.num_prefix)]
+        self.state.tokens.append(x.shape[1])
+        return x
+
+
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)  # --tiny: seconds on a CPU (tests)
 
 
@@ -68,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="a 2-block ViT on 32x32 inputs (tests the script)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (tests: eager)")
+    p.add_argument("--bound", action="store_true", help=f"add {BOUND!r}: tokens dropped at no cost (eager)")
     args = p.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -77,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     # (policy name, r, compiled, callable, policy, merge clock)
     configs: list[tuple[str, int, bool, Callable, MergePolicy, list[float]]] = []
     for compiled in (False, True) if args.compile else (False,):
-        for name in args.policies:
+        for name in args.policies + ([BOUND] if args.bound and not compiled else []):
             if compiled and name in NOT_COMPILED:
                 continue
-            cls = getattr(policies, name)
+            cls = DropTokens if name == BOUND else getattr(policies, name)
             torch.manual_seed(0)
             model = timm.create_model(args.model, **kwargs).eval()
             policy = cls()

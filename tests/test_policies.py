@@ -279,7 +279,7 @@ def test_throughput_table_has_every_policy(capsys) -> None:
     import throughput
 
     throughput.main(["--tiny", "--model", "vit_tiny_patch16_224", "--r", "0", "4", "--runs", "1", "--warmup", "0",
-                     "--batch", "2", "--compile", "--compile-backend", "eager"])  # fmt: skip
+                     "--batch", "2", "--compile", "--compile-backend", "eager", "--bound"])  # fmt: skip
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     got = [(row[0].strip("| "), row[1], row[2], row[3]) for row in rows]
     want = []
@@ -288,6 +288,8 @@ def test_throughput_table_has_every_policy(capsys) -> None:
         for name in throughput.POLICIES[1:]:
             if compiled == "no" or name not in throughput.NOT_COMPILED:
                 want += [(name, r, n, compiled) for r, n in (("0", "65"), ("4", "57"))]
+        if compiled == "no":  # the free merge's ceiling, eager only
+            want += [(throughput.BOUND, r, n, "no") for r, n in (("0", "65"), ("4", "57"))]
     # ATM merges only pairs above its threshold: at most r per block, what the image allows (tokens measured)
     atm = [i for i, w in enumerate(want) if w[:2] == ("ATM", "4")]
     assert atm and all(57 <= int(got[i][2]) <= 65 for i in atm)

@@ -122,6 +122,25 @@ def test_soft_step_matches_independent_reference(layout, prefix, tau2):
     assert got_grads[-1].abs().max() == 0 and got_grads[-2].abs().max() == 0
 
 
+@pytest.mark.parametrize("layout", ["official", "consistent"])
+def test_soft_source_map_follows_the_tokens(layout):
+    """Soft training with a source map: every patch's share is conserved, a token's row sums to its size, and
+    the map reorders with the tokens (the active ones stay sorted by size)."""
+    vit = tiny_vit(img_size=28, depth=5, reg_tokens=1)
+    policy = DTEMSoft(r=SCHEDULE, soft_layout=layout, trace_source=True)
+    apply_policy(vit, policy)
+    vit.double().train()
+    policy.double()
+    vit(torch.randn(2, 3, 28, 28, dtype=torch.float64))
+    st, P = policy.state, vit.num_prefix_tokens
+    n = P + 49
+    torch.testing.assert_close(st.source.sum(1), torch.ones(2, n, dtype=torch.float64))
+    torch.testing.assert_close(st.source.sum(-1, keepdim=True), st.size)
+    active = st.size[:, P : st.active, 0]
+    assert (active[:, :-1] >= active[:, 1:]).all()  # largest first
+    assert st.size[:, st.active :].max() < 1  # depleted sources (the merged-away share) left the active set
+
+
 def test_layouts_differ_and_official_is_default():
     assert DTEMSoft().soft_layout == "official"
     with pytest.raises(ValueError, match="soft_layout"):
