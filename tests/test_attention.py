@@ -30,6 +30,20 @@ def test_biased_attention_equals_sdpa_in_value_and_gradient() -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_biased_attention_forward_is_fused() -> None:
+    """SDPA takes its unfused path (a [B, H, N, N] matrix) whenever an input requires grad, even with grad mode
+    off: the forward must hand it detached inputs so the fused CPU kernel runs."""
+    from torch.profiler import profile
+
+    q, k, v = (torch.randn(2, 3, 17, 8, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 17, requires_grad=True)
+    with profile() as prof:
+        M.biased_attention(q, k, v, bias, 0.3)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops, sorted(ops)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
 @pytest.mark.parametrize("cls, trains", [(DTEMSoft, "policy"), (ToMeSoft, "all")])
 def test_soft_step_gradients_equal_with_and_without_recompute(monkeypatch, cls: type, trains: str) -> None:
     """One soft training step, float64: loss and every gradient equal with the recomputing attention and with
