@@ -179,6 +179,17 @@ def take_rows(v: Tensor, idx: Tensor) -> Tensor:
     return v.reshape(B * N, D).index_select(0, rows_of(idx, N)).view(B, idx.shape[1], D)
 
 
+def _reduce_rows_(out: Tensor, into: Tensor, rows: Tensor, reduce: str) -> Tensor:
+    """Reduce ``rows`` [m, C] into the rows ``into`` [m] of ``out`` [M, C]; in place for ``sum``.
+
+    ``index_add_`` adds the rows one at a time in index order, as ``scatter_reduce`` along the tokens does, so the
+    sums are bit-identical to ToMe's, without its index expanded over C.
+    """
+    if reduce == "sum":
+        return out.index_add_(0, into, rows)
+    return out.scatter_reduce(0, into[:, None].expand(-1, out.shape[1]), rows, reduce)
+
+
 def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
     """ToMe's bipartite soft matching, on patch tokens only.
 
@@ -218,11 +229,7 @@ def bipartite_matching(metric: Tensor, r: int, num_prefix: int) -> MergeFn:
     def merge(x: Tensor, reduce: str = "sum") -> Tensor:
         c = x.shape[-1]
         flat = x.reshape(B * N, c)
-        out, add = flat.index_select(0, keep), flat.index_select(0, moved)
-        if reduce == "sum":
-            out.index_add_(0, into, add)
-        else:
-            out = out.scatter_reduce(0, into[:, None].expand(-1, c), add, reduce=reduce)
+        out = _reduce_rows_(flat.index_select(0, keep), into, flat.index_select(0, moved), reduce)
         return out.view(B, N - r, c)
 
     return merge
@@ -474,13 +481,8 @@ def energy_pairs(
 def _into_dst(v: Tensor, src: Tensor, dst: Tensor, reduce: str) -> Tensor:
     """v [B, Np, D] with the rows ``src`` [B, r] reduced into the rows ``dst`` [B, r] (sources left as they are)."""
     B, N, D = v.shape
-    flat = v.reshape(B * N, D)
-    moved, into = take_rows(v, src).reshape(-1, D), rows_of(dst, N)
-    if (
-        reduce == "sum"
-    ):  # the same additions in the same order as scatter_reduce's, without its expanded index
-        return flat.index_add(0, into, moved).view(B, N, D)
-    return flat.scatter_reduce(0, into[:, None].expand(-1, D), moved, reduce).view(B, N, D)
+    out = v.clone(memory_format=torch.contiguous_format).view(B * N, D)  # one copy; v stays as it is
+    return _reduce_rows_(out, rows_of(dst, N), take_rows(v, src).reshape(-1, D), reduce).view(B, N, D)
 
 
 def merge_pairs(

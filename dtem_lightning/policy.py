@@ -284,7 +284,7 @@ class MergePolicy(nn.Module):
 
     def _soft_merge(self, layer: int, x: Tensor, metric: Tensor | None) -> Tensor:
         st = self.state
-        src, dst = self._soft_slices(st.active)
+        src, dst = self.soft_split(st.active)
         num_src, num_dst = len(range(st.active)[src]), len(range(st.active)[dst])
         # Soft grouping selects each source about once: r is capped by the sources, not by half the patches.
         r = min(self.schedule[layer], num_src) if num_dst else 0
@@ -294,13 +294,9 @@ class MergePolicy(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._soft_step(x, metric, r, src, dst)
 
-    def soft_split(self, n: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-        """Sequence positions of the sources and destinations among the ``n`` active tokens (prefix included)."""
-        src, dst = self._soft_slices(n)
-        return torch.arange(n, device=device)[src], torch.arange(n, device=device)[dst]
-
-    def _soft_slices(self, n: int) -> tuple[slice, slice]:
-        """:meth:`soft_split` as slices of the sequence (views: no copies, and a cheap backward)."""
+    def soft_split(self, n: int) -> tuple[slice, slice]:
+        """The sources and destinations among the ``n`` active tokens (prefix included), as slices of the sequence
+        (views: no copies, and a cheap backward)."""
         P = self.num_prefix
         dst_off = 1 if self.soft_layout == "official" else M.hard_split_offset(P)
         return slice(P + 1 - dst_off, n, 2), slice(P + dst_off, n, 2)

@@ -81,7 +81,9 @@ def test_merge_is_bit_identical_to_scatter_reduce(batch, num_prefix, n, r):
     ref = pat.scatter_reduce(
         1, dst[..., None].expand(-1, -1, 385), pat.gather(1, src[..., None].expand(-1, -1, 385)), "sum"
     )
+    before = pat.clone()
     assert torch.equal(M._into_dst(pat, src, dst, "sum"), ref)
+    assert torch.equal(pat, before)  # the merge writes into a copy (pat is a view of x without prefix tokens)
 
 
 def test_hard_split_offset_follows_sequence_parity():

@@ -177,7 +177,7 @@ def test_soft_step_reduces_to_hard_matching_on_the_same_split(layout, seed):
     n, P, r, dim = 18, 1, 4, 16  # 17 patches
     policy = DTEMSoft(r=r, soft_layout=layout, tau2=1e-3)
     policy.num_prefix, policy.schedule = P, [r]
-    src_idx, dst_idx = policy.soft_split(n)
+    src_idx, dst_idx = (torch.arange(n)[part] for part in policy.soft_split(n))
     emb_src, emb_dst = _separated(len(src_idx), len(dst_idx), dim, seed)
     emb = torch.zeros(1, n, dim, dtype=torch.float64)
     emb[0, src_idx], emb[0, dst_idx], emb[0, 0] = emb_src, emb_dst, 1.0
